@@ -1,0 +1,37 @@
+"""Exception types. Every message names its culprit: plugin, distribution, field, file."""
+
+from __future__ import annotations
+
+
+class PlugtronError(Exception):
+    """Base class of every error plugtron raises on purpose."""
+
+
+class PluginError(PlugtronError):
+    """A plugin could not be loaded or broke a registration rule."""
+
+
+class DuplicateRegistrationError(PluginError):
+    """Two plugins claim the same family, layer spec or converter."""
+
+
+class UnknownFamilyError(PlugtronError):
+    """A config or command names a model family no plugin provides."""
+
+
+class LayerSpecError(PlugtronError):
+    """A requested layer spec does not exist or is unavailable here."""
+
+
+class ConfigError(PlugtronError, ValueError):
+    """A config field breaks a rule. ``field`` names it, ``rule`` says why."""
+
+    def __init__(self, field: str, rule: str, *, config: str | None = None) -> None:
+        self.field = field
+        self.rule = rule
+        where = f"{config}." if config else ""
+        super().__init__(f"config field '{where}{field}': {rule}")
+
+
+class PipelineError(PlugtronError):
+    """The build pipeline was asked for something it cannot do here."""

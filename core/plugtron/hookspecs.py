@@ -1,0 +1,181 @@
+"""Hook specifications of plugtron.
+
+A plugin is any module or object with functions named like the specs below,
+decorated with :data:`plugtron.hookimpl`. Distributions announce plugins with an
+entry point in the ``plugtron`` group::
+
+    [project.entry-points.plugtron]
+    my_family = "my_package.plugin"
+
+Registration hooks must stay cheap: return records naming classes by import
+path, and never import torch or megatron at module level of the plugin.
+
+Order: pluggy calls implementations ``tryfirst`` first, then the most recently
+registered first, then ``trylast``. The two wrap hooks are *chained*: each
+implementation receives the chunk list returned by the one before it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from plugtron._markers import hookspec
+
+if TYPE_CHECKING:
+    from plugtron.builder import BuildContext, ModelBuilder
+    from plugtron.records import ConverterInfo, FamilyInfo, LayerSpecInfo
+
+
+@hookspec
+def plugtron_register_families() -> "list[FamilyInfo]":
+    """Declare the model families this plugin provides.
+
+    Called once when the plugin manager loads. Return records only; the
+    config and builder classes are named by import path and imported when a
+    family is first built. A family name may be claimed by one plugin only:
+    a second claim is an error naming both distributions.
+
+    Example::
+
+        from plugtron import FamilyInfo, hookimpl
+
+        @hookimpl
+        def plugtron_register_families():
+            return [
+                FamilyInfo(
+                    name="gpt",
+                    config_class="plugtron_gpt.config:GPTModelConfig",
+                    builder_class="plugtron_gpt.builder:GPTModelBuilder",
+                    description="Decoder-only transformer (GPT, Llama, Qwen ...)",
+                )
+            ]
+    """
+
+
+@hookspec
+def plugtron_register_layer_specs() -> "list[LayerSpecInfo]":
+    """Offer named layer specs (``te``, ``local``, ``torch`` ...) for families.
+
+    Any plugin may offer specs for any family, including another plugin's.
+    ``check`` must answer quickly and without side effects (look for a module
+    with ``importlib.util.find_spec``, ask ``torch.cuda.is_available()``).
+    For ``layer_spec="auto"`` the core picks the available spec with the
+    highest ``priority``; a named choice that is unavailable is an error
+    carrying the check's reason.
+
+    Example::
+
+        from plugtron import LayerSpecInfo, hookimpl
+
+        @hookimpl
+        def plugtron_register_layer_specs():
+            return [
+                LayerSpecInfo(
+                    family="gpt",
+                    name="flash",
+                    factory="my_package.specs:flash_layer_spec",  # (config) -> ModuleSpec
+                    check="my_package.specs:flash_available",     # () -> Availability
+                    priority=150,
+                    description="attention through my flash kernel",
+                )
+            ]
+    """
+
+
+@hookspec(firstresult=True)
+def plugtron_create_builder(config: Any, family: "FamilyInfo") -> "ModelBuilder | None":
+    """Return the builder for ``config``, or ``None`` to let others answer.
+
+    The first non-``None`` result wins. The core registers a last-resort
+    implementation (``trylast``) that instantiates ``family.builder_class``,
+    so a family plugin needs no implementation at all; a third party that
+    wants its own builder for an existing family marks it ``tryfirst``.
+
+    Example::
+
+        from plugtron import hookimpl
+        from plugtron_gpt.builder import GPTModelBuilder
+
+        class CheckpointedGPTBuilder(GPTModelBuilder):
+            def build_stage(self, **kwargs):
+                stage = super().build_stage(**kwargs)
+                stage.decoder.config.recompute_granularity = "full"
+                return stage
+
+        @hookimpl(tryfirst=True)
+        def plugtron_create_builder(config, family):
+            if family.name == "gpt" and config.num_layers > 48:
+                return CheckpointedGPTBuilder(config)
+            return None
+    """
+
+
+@hookspec
+def plugtron_pre_wrap(model: "list[Any]", config: Any, context: "BuildContext") -> "list[Any] | None":
+    """Adjust the model chunks before device placement and wrapping.
+
+    ``model`` holds one ``torch.nn.Module`` per virtual-pipeline stage of this
+    rank, still unwrapped (and on the meta device for meta builds). Return a
+    new list to replace it, or ``None`` to keep the (possibly mutated) list.
+    Implementations are chained: each sees the result of the previous one.
+    Per-call hooks registered with ``builder.register_pre_wrap_hook`` run
+    after all plugin implementations.
+
+    Example (freeze the embeddings of every chunk that has them)::
+
+        from plugtron import hookimpl
+
+        @hookimpl
+        def plugtron_pre_wrap(model, config, context):
+            for chunk in model:
+                embedding = getattr(chunk, "embedding", None)
+                if embedding is not None:
+                    embedding.requires_grad_(False)
+            return None
+    """
+
+
+@hookspec
+def plugtron_post_wrap(model: "list[Any]", config: Any, context: "BuildContext") -> "list[Any] | None":
+    """Adjust the model chunks after mixed precision and DDP/FSDP wrapping.
+
+    Same contract as :func:`plugtron_pre_wrap`, run as the last step of the
+    pipeline; chunks are now wrapped (``DistributedDataParallel``,
+    ``Float16Module``, FSDP2 modules) as the build options asked.
+
+    Example (log the wrapped types on the first rank)::
+
+        from plugtron import hookimpl
+
+        @hookimpl
+        def plugtron_post_wrap(model, config, context):
+            if context.parallel.rank == 0:
+                print([type(chunk).__name__ for chunk in model])
+    """
+
+
+@hookspec
+def plugtron_register_converters() -> "list[ConverterInfo]":
+    """Declare weight converters: (source format, architecture) -> family.
+
+    The adapter is named by import path and loaded only when a conversion of
+    that architecture runs; the conversion engine of the source format (the
+    HF bridge for ``"hf"``) defines what the adapter must provide. Two plugins
+    claiming the same (format, architecture) is an error naming both.
+
+    Example::
+
+        from plugtron import ConverterInfo, hookimpl
+
+        @hookimpl
+        def plugtron_register_converters():
+            return [
+                ConverterInfo(
+                    source_format="hf",
+                    architecture="MyLlamaForCausalLM",
+                    family="gpt",
+                    adapter="my_package.convert:MyLlamaAdapter",
+                    description="Llama with a renamed norm",
+                )
+            ]
+    """

@@ -1,0 +1,224 @@
+"""The plugin manager: one instance owns the plugins and everything they register.
+
+Nothing here imports torch or megatron. Plugins come from entry points of the
+``plugtron`` group and from :meth:`PlugtronPluginManager.register` (tests,
+notebooks, ``plugtron -p module``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import traceback
+import warnings
+from typing import Any, Mapping
+
+import attrs
+import pluggy
+
+from plugtron import _discovery, _registry, hookspecs
+from plugtron._markers import PROJECT_NAME
+from plugtron.errors import PluginError, UnknownFamilyError
+from plugtron.facade import Hooks
+from plugtron.records import ConverterInfo, FamilyInfo, LayerSpecInfo
+
+CHAINED_HOOKS = ("plugtron_pre_wrap", "plugtron_post_wrap")
+_SPEC_NAMES = frozenset(n for n in dir(hookspecs) if n.startswith("plugtron_"))
+
+
+class PluginLoadWarning(UserWarning):
+    """A plugin failed to load and was skipped (set PLUGTRON_STRICT=1 to fail instead)."""
+
+
+@attrs.define
+class PluginRecord:
+    """What ``plugtron plugins`` shows for one plugin."""
+
+    name: str
+    distribution: str | None
+    version: str | None
+    source: str  # "entry point", "in-process" or "builtin"
+    status: str = "loaded"  # loaded | failed | disabled by ... | not selected by ...
+    error: str | None = None
+    hooks: list[str] = attrs.field(factory=list)
+
+
+class _Pluggy(pluggy.PluginManager):
+    """Treat undecorated ``plugtron_*`` functions that match a spec as implementations."""
+
+    def parse_hookimpl_opts(self, plugin: Any, name: str) -> Any:
+        opts = super().parse_hookimpl_opts(plugin, name)
+        if opts is None and name in _SPEC_NAMES and callable(getattr(plugin, name, None)):
+            return {}
+        return opts
+
+
+class PlugtronPluginManager:
+    """Loads plugins, keeps their registries, and exposes typed hook calls.
+
+    ``env`` defaults to ``os.environ``; pass a dict in tests to control
+    ``PLUGTRON_PLUGINS`` / ``PLUGTRON_DISABLE_PLUGINS`` / ``PLUGTRON_STRICT``.
+    """
+
+    def __init__(self, *, load_entrypoints: bool = True, env: Mapping[str, str] | None = None) -> None:
+        self._env = dict(os.environ if env is None else env)
+        self.strict = _discovery.strict_from_env(self._env)
+        self.selection = _discovery.Selection.from_env(self._env)
+        self.pm = _Pluggy(PROJECT_NAME)
+        self.pm.add_hookspecs(hookspecs)
+        self.records: dict[str, PluginRecord] = {}
+        self._tables: _registry.Registries | None = None
+        self.hooks = Hooks(self.pm)
+        from plugtron import _builtin
+
+        self._register(_builtin, "plugtron", PluginRecord("plugtron", "plugtron", _version("plugtron"), "builtin"))
+        if load_entrypoints:
+            self.load_entrypoints()
+
+    # -- loading -----------------------------------------------------------
+    def load_entrypoints(self) -> None:
+        for cand in _discovery.find_candidates():
+            if cand.name in self.records:
+                continue
+            record = PluginRecord(cand.name, cand.distribution, cand.version, "entry point")
+            verdict = self.selection.verdict(cand.name, cand.distribution)
+            if verdict is not None:
+                record.status = verdict
+                self.records[cand.name] = record
+                continue
+            try:
+                plugin = cand.entry_point.load()
+            except BaseException as exc:  # noqa: BLE001 - SystemExit from a plugin must not exit us
+                if isinstance(exc, KeyboardInterrupt):
+                    raise
+                self._failed(record, exc)
+                continue
+            self._register_guarded(plugin, cand.name, record)
+
+    def register(self, plugin: Any, name: str | None = None, *, distribution: str | None = None) -> None:
+        """Register a plugin object or module in-process; errors are raised, not skipped."""
+        if isinstance(plugin, str):
+            plugin = importlib.import_module(plugin)
+        name = name or getattr(plugin, "__name__", None) or repr(plugin)
+        self._register(plugin, name, PluginRecord(name, distribution, None, "in-process"))
+
+    def unregister(self, name: str) -> None:
+        self.pm.unregister(name=name)
+        self.records.pop(name, None)
+        self._tables = None
+
+    def _register_guarded(self, plugin: Any, name: str, record: PluginRecord) -> None:
+        try:
+            self._register(plugin, name, record)
+        except PluginError as exc:
+            self._failed(record, exc)
+
+    def _register(self, plugin: Any, name: str, record: PluginRecord) -> None:
+        _check_names(plugin, name, record.distribution)
+        try:
+            self.pm.register(plugin, name=name)
+            self.pm.check_pending()
+        except (pluggy.PluginValidationError, ValueError) as exc:
+            if self.pm.is_registered(plugin):
+                self.pm.unregister(plugin)
+            raise PluginError(f"plugin '{name}' ({record.distribution or 'in-process'}): {exc}") from exc
+        _check_chained(self.pm, name)
+        record.hooks = sorted(c.name for c in self.pm.get_hookcallers(plugin) or [])
+        self.records[name] = record
+        self._tables = None
+
+    def _failed(self, record: PluginRecord, exc: BaseException) -> None:
+        record.status = "failed"
+        record.error = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        self.records[record.name] = record
+        message = f"plugtron plugin '{record.name}' from {record.distribution} {record.version} failed to load: {record.error}"
+        if self.strict:
+            raise PluginError(message) from exc
+        warnings.warn(message + " (skipped; PLUGTRON_STRICT=1 makes this an error)", PluginLoadWarning, stacklevel=3)
+
+    def _drop(self, plugin_name: str, exc: BaseException) -> None:
+        record = self.records.get(plugin_name) or PluginRecord(plugin_name, None, None, "in-process")
+        if record.source == "in-process" or self.strict:
+            raise PluginError(f"plugin '{plugin_name}' failed while registering: {exc!r}") from exc
+        self.pm.unregister(name=plugin_name)
+        self._failed(record, exc)
+
+    # -- registries --------------------------------------------------------
+    def _describe(self, plugin_name: str) -> tuple[str | None, str]:
+        record = self.records.get(plugin_name)
+        return (record.distribution if record else None, plugin_name)
+
+    @property
+    def tables(self) -> _registry.Registries:
+        if self._tables is None:
+            relay = self.pm.hook
+            collect = lambda caller, kind: _registry.collect(caller, kind, self._describe, self._drop)  # noqa: E731
+            families = collect(relay.plugtron_register_families, FamilyInfo)
+            specs = collect(relay.plugtron_register_layer_specs, LayerSpecInfo)
+            converters = collect(relay.plugtron_register_converters, ConverterInfo)
+            self._tables = _registry.build_registries(families, specs, converters)
+        return self._tables
+
+    def family(self, name: str) -> FamilyInfo:
+        try:
+            return self.tables.families[name]
+        except KeyError:
+            known = ", ".join(sorted(self.tables.families)) or "none"
+            raise UnknownFamilyError(
+                f"no plugin provides model family '{name}' (installed families: {known}); "
+                f"install its plugin, e.g. pip install plugtron-{name}"
+            ) from None
+
+    def layer_specs(self, family: str) -> list[LayerSpecInfo]:
+        specs = [s for (fam, _), s in self.tables.layer_specs.items() if fam == family]
+        return sorted(specs, key=lambda s: -s.priority)
+
+    def converter(self, source_format: str, architecture: str) -> ConverterInfo:
+        from plugtron.errors import PlugtronError
+
+        try:
+            return self.tables.converters[(source_format, architecture)]
+        except KeyError:
+            known = sorted(a for f, a in self.tables.converters if f == source_format)
+            raise PlugtronError(
+                f"no converter for {source_format} architecture '{architecture}' "
+                f"(known: {', '.join(known) or 'none'})"
+            ) from None
+
+
+def _check_names(plugin: Any, name: str, distribution: str | None) -> None:
+    """A ``plugtron_*`` attribute that matches no spec is a misspelled hook."""
+    for attr in dir(plugin):
+        if attr.startswith("plugtron_") and attr not in _SPEC_NAMES and callable(getattr(plugin, attr, None)):
+            raise PluginError(
+                f"plugin '{name}' ({distribution or 'in-process'}) defines '{attr}', which matches no "
+                f"plugtron hook; known hooks: {', '.join(sorted(_SPEC_NAMES))}"
+            )
+
+
+def _check_chained(pm: pluggy.PluginManager, name: str) -> None:
+    for hook_name in CHAINED_HOOKS:
+        for impl in getattr(pm.hook, hook_name).get_hookimpls():
+            if impl.plugin_name == name and (impl.hookwrapper or impl.wrapper):
+                pm.unregister(name=name)
+                raise PluginError(f"plugin '{name}': {hook_name} is chained and cannot be a wrapper")
+
+
+def _version(distribution: str) -> str | None:
+    import importlib.metadata as md
+
+    try:
+        return md.version(distribution)
+    except md.PackageNotFoundError:
+        return None
+
+
+_DEFAULT: PlugtronPluginManager | None = None
+
+
+def get_plugin_manager() -> PlugtronPluginManager:
+    """The process-wide manager used by the command line (created on first use)."""
+    global _DEFAULT
+    if _DEFAULT is None:
+        _DEFAULT = PlugtronPluginManager()
+    return _DEFAULT

@@ -1,0 +1,138 @@
+"""One entry point for torch.distributed and megatron's model-parallel groups.
+
+Works under torchrun (reads RANK/WORLD_SIZE/MASTER_ADDR) and in a plain single
+process (creates a one-rank gloo group on a free loopback port). Chooses NCCL
+when CUDA is present and gloo otherwise, and switches the CPU runtime on when
+there is no CUDA.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from typing import Any
+
+import attrs
+
+from plugtron.errors import PipelineError
+
+
+@attrs.frozen
+class ParallelContext:
+    """The process-group collection and sizes of this rank's model-parallel layout."""
+
+    tp: int
+    pp: int
+    vp: int | None
+    dp: int
+    rank: int
+    world_size: int
+    backend: str
+    device: str
+    pg_collection: Any = attrs.field(repr=False)
+
+    @property
+    def tp_rank(self) -> int:
+        from megatron.core import parallel_state
+
+        return parallel_state.get_tensor_model_parallel_rank()
+
+    @property
+    def pp_rank(self) -> int:
+        from megatron.core import parallel_state
+
+        return parallel_state.get_pipeline_model_parallel_rank()
+
+    @property
+    def dp_rank(self) -> int:
+        from megatron.core import parallel_state
+
+        return parallel_state.get_data_parallel_rank()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _init_process_group(backend: str, timeout: datetime.timedelta) -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        dist.init_process_group(backend=backend, timeout=timeout)
+        return
+    port = _free_port()
+    dist.init_process_group(
+        backend=backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, timeout=timeout
+    )
+
+
+def initialize_parallel(
+    tp: int = 1,
+    pp: int = 1,
+    vp: int | None = None,
+    *,
+    cp: int = 1,
+    backend: str | None = None,
+    seed: int = 1234,
+    timeout_s: float = 300.0,
+) -> ParallelContext:
+    """Initialise (or re-initialise) model parallelism and return its context.
+
+    A short ``timeout_s`` bounds how long a rank waits for a failed peer.
+    """
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    from plugtron.runtime import cpu
+
+    cuda = torch.cuda.is_available()
+    backend = backend or ("nccl" if cuda else "gloo")
+    if backend == "nccl" and not cuda:
+        raise PipelineError("backend 'nccl' needs CUDA; use gloo on this machine")
+    if not cuda:
+        cpu.enable()
+    elif "LOCAL_RANK" in os.environ:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    _init_process_group(backend, datetime.timedelta(seconds=timeout_s))
+    world = dist.get_world_size()
+    if world % (tp * pp * cp):
+        raise PipelineError(f"world size {world} is not divisible by tp={tp} x pp={pp} x cp={cp}")
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vp,
+        context_parallel_size=cp,
+        distributed_timeout_minutes=max(1, int(timeout_s // 60)),
+    )
+    cpu.seed_everything(seed)
+    return ParallelContext(
+        tp=tp,
+        pp=pp,
+        vp=vp,
+        dp=world // (tp * pp * cp),
+        rank=dist.get_rank(),
+        world_size=world,
+        backend=backend,
+        device="cuda" if cuda else "cpu",
+        pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
+    )
+
+
+def destroy_parallel() -> None:
+    """Tear down megatron's groups and the default process group."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,42 @@
+"""Registration of the GPT family and its layer specs (no torch import here)."""
+
+from __future__ import annotations
+
+from plugtron import FamilyInfo, LayerSpecInfo, hookimpl
+
+_SPECS = "plugtron_gpt.specs"
+
+
+@hookimpl
+def plugtron_register_families() -> list[FamilyInfo]:
+    return [
+        FamilyInfo(
+            name="gpt",
+            config_class="plugtron_gpt.config:GPTModelConfig",
+            builder_class="plugtron_gpt.builder:GPTModelBuilder",
+            description="decoder-only transformer (GPT-2, Llama, Mistral, Qwen), RoPE variants and MTP",
+        )
+    ]
+
+
+def _spec(name: str, priority: int, description: str, cpu: bool) -> LayerSpecInfo:
+    return LayerSpecInfo(
+        family="gpt",
+        name=name,
+        factory=f"{_SPECS}:{name}_spec",
+        check=f"{_SPECS}:{name}_available",
+        priority=priority,
+        description=description,
+        cpu_capable=cpu,
+    )
+
+
+@hookimpl
+def plugtron_register_layer_specs() -> list[LayerSpecInfo]:
+    return [
+        _spec("te", 300, "transformer-engine modules with fused layer norms (GPU)", False),
+        _spec("te_full", 280, "transformer-engine op fuser for the whole layer (GPU)", False),
+        _spec("torch", 200, "megatron modules with torch scaled_dot_product_attention (CPU and GPU)", True),
+        _spec("local", 150, "megatron-core's own modules only (CPU and GPU)", True),
+        _spec("modelopt", 50, "NVIDIA ModelOpt quantization-ready spec (GPU)", False),
+    ]
