@@ -135,6 +135,10 @@ class ModelConfig:
         """
         self._validate_parallel()
         self.validate()
+        if (self._get("pipeline_model_parallel_size", 1) or 1) > 1 and self._get("pipeline_dtype") is None:
+            import torch  # pipeline p2p needs a dtype; megatron leaves it to the caller
+
+            self._tc_kwargs["pipeline_dtype"] = self._get("params_dtype") or torch.float32
         object.__setattr__(self, "_transformer", self._make_transformer())
         return self
 

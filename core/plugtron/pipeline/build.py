@@ -133,7 +133,7 @@ def build_model(
     ``parallel`` defaults to a context initialised from the config's TP/PP/VP.
     """
     from plugtron.manager import get_plugin_manager
-    from plugtron.runtime.parallel import initialize_parallel
+    from plugtron.runtime.parallel import adapt_config, initialize_parallel
 
     pm = pm or get_plugin_manager()
     family = pm.family(config.family)
@@ -145,6 +145,8 @@ def build_model(
             config.virtual_pipeline_model_parallel_size,
         )
     _check_layout(config, parallel)
+    if adapt_config(config, parallel):
+        config.finalize()
     builder = pm.hooks.create_builder(config, family)
     return build_with_builder(builder, parallel, pm, options)
 

@@ -1,0 +1,5 @@
+import sys
+
+from plugtron.cli import main
+
+sys.exit(main())

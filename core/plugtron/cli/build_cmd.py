@@ -1,0 +1,104 @@
+"""``plugtron build CONFIG``: any family's config through the shared pipeline."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+import warnings
+
+from plugtron.cli.launch import FAILURE_TIMEOUT_S, relaunch, under_torchrun
+
+
+def add_parser(commands: Any) -> None:
+    parser = commands.add_parser("build", help="build a model config through the shared pipeline")
+    parser.add_argument("config", help="model config file (JSON or YAML)")
+    parser.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: the config's)")
+    parser.add_argument("--pp", type=int, default=None, help="pipeline-parallel size")
+    parser.add_argument("--vp", type=int, default=None, help="virtual pipeline stages per pipeline rank")
+    parser.add_argument("--dp", type=int, default=1, help="data-parallel size")
+    parser.add_argument("--meta", action="store_true", help="construct on the meta device, then materialise")
+    parser.add_argument("--wrap", default="none", choices=("none", "ddp", "fsdp2", "megatron_fsdp"))
+    parser.add_argument("--step", action="store_true", help="run one forward/backward step on random tokens")
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--seq-length", type=int, default=None, help="tokens per sample for --step (default: min(seq_length, 64))")
+    parser.set_defaults(run=run)
+
+
+def _apply_layout(config: Any, args: argparse.Namespace) -> None:
+    if args.tp is not None:
+        config.tensor_model_parallel_size = args.tp
+    if args.pp is not None:
+        config.pipeline_model_parallel_size = args.pp
+    if args.vp is not None:
+        config.virtual_pipeline_model_parallel_size = args.vp
+
+
+def run(args: argparse.Namespace) -> int:
+    # megatron-core warns at import about optional GPU packages; the report says what was chosen.
+    warnings.filterwarnings("ignore", module=r"megatron\.")
+    from plugtron.cli import manager_for
+    from plugtron.config import load
+
+    pm = manager_for(args)
+    config = load(args.config, pm)
+    _apply_layout(config, args)
+    config.finalize()  # fail here, before any process is started
+    world = config.tensor_model_parallel_size * config.pipeline_model_parallel_size * args.dp
+    if world > 1 and not under_torchrun():
+        return relaunch(world, sys.argv[1:])
+    return _build_on_this_rank(config, args, pm)
+
+
+def _build_on_this_rank(config: Any, args: argparse.Namespace, pm: Any) -> int:
+    from plugtron.builder import BuildOptions
+    from plugtron.pipeline import build_model
+    from plugtron.runtime.parallel import initialize_parallel
+
+    parallel = initialize_parallel(
+        config.tensor_model_parallel_size, config.pipeline_model_parallel_size,
+        config.virtual_pipeline_model_parallel_size, timeout_s=FAILURE_TIMEOUT_S,
+    )
+    try:
+        built = build_model(config, parallel=parallel, options=BuildOptions(meta_device=args.meta, wrap=args.wrap), pm=pm)
+        loss = _step(built, config, args) if args.step else None
+        _report(built, parallel, pm, loss)
+    except BaseException as exc:
+        print(f"plugtron: rank {parallel.rank} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        raise
+    return 0
+
+
+def _step(built: Any, config: Any, args: argparse.Namespace) -> float | None:
+    from plugtron.training import forward_backward, random_batches
+
+    seq = args.seq_length or min(config.seq_length, 64)
+    batches = random_batches(built, max(1, config.pipeline_model_parallel_size), args.batch_size, seq)
+    return forward_backward(built, batches)
+
+
+def _report(built: Any, parallel: Any, pm: Any, loss: float | None) -> None:
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * parallel.world_size
+    dist.all_gather_object(gathered, (built.report.peak_rss_mb, loss))
+    if parallel.rank != 0:
+        return
+    report = built.report
+    family = pm.family(report.family)
+    losses = [value for _, value in gathered if value is not None]
+    lines = [
+        ("family", f"{report.family} ({family.distribution or 'in-process'})"),
+        ("layer spec", f"{report.layer_spec} — {report.spec_reason}"),
+        ("layout", f"tp={parallel.tp} pp={parallel.pp} vp={parallel.vp or '-'} dp={parallel.dp} "
+                   f"({parallel.world_size} ranks, {parallel.backend}, {built.context.device})"),
+        *[(f"params tp={tp} pp={pp}", f"{count:,}") for (tp, pp), count in sorted(report.params_per_rank.items())],
+        ("build time", f"{report.build_seconds:.2f} s"),
+        ("peak memory", f"{max(p for p, _ in gathered):.0f} MB (max over ranks)"),
+    ]
+    if losses:
+        lines.append(("loss", f"{losses[0]:.4f}"))
+    width = max(len(k) for k, _ in lines)
+    for key, value in lines:
+        print(f"{key:<{width}}  {value}", flush=True)
