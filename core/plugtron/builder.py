@@ -42,7 +42,9 @@ class BuildOptions:
     broadcast_params: bool = False
     data_parallel_random_init: bool = False
     device: str = attrs.field(default="auto", validator=attrs.validators.in_(("auto", "cpu", "cuda")))
-    report: bool = True
+    #: ``load_weights(chunk, context)`` fills a materialised meta chunk (e.g. from a
+    #: checkpoint) instead of random initialisation; needs ``meta_device=True``.
+    load_weights: Callable[[Any, "BuildContext"], None] | None = None
 
 
 @attrs.define

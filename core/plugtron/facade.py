@@ -46,3 +46,6 @@ class Hooks:
 
     def post_wrap(self, model: list, config: Any, context: "BuildContext") -> list:
         return run_chain(self._ordered("plugtron_post_wrap"), model, config, context)
+
+    def add_commands(self, commands: Any) -> None:
+        self._relay.plugtron_add_commands(commands=commands)

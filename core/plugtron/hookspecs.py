@@ -179,3 +179,31 @@ def plugtron_register_converters() -> "list[ConverterInfo]":
                 )
             ]
     """
+
+
+@hookspec
+def plugtron_add_commands(commands: Any) -> None:
+    """Add sub-commands to the ``plugtron`` command line.
+
+    ``commands`` is the ``argparse`` sub-parsers object. Build the parser
+    here and keep every heavy import inside the function you set as ``run``:
+    ``plugtron --help`` and ``plugtron plugins`` must stay fast. ``run(args)``
+    returns the exit code; raise :class:`plugtron.PlugtronError` for a clean
+    one-line error.
+
+    Example::
+
+        from plugtron import hookimpl
+
+        def _run(args):
+            from my_package.report import summarize  # imports torch: only when run
+
+            print(summarize(args.checkpoint))
+            return 0
+
+        @hookimpl
+        def plugtron_add_commands(commands):
+            parser = commands.add_parser("summarize", help="summarize a checkpoint")
+            parser.add_argument("checkpoint")
+            parser.set_defaults(run=_run)
+    """

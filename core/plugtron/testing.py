@@ -64,6 +64,7 @@ if TYPE_CHECKING:
     from plugtron.manager import PlugtronPluginManager
 
 __all__ = [
+    "PluginNamespace",
     "plugin_namespace",
     "plugtron_manager",
     "plugtron_manager_factory",
@@ -73,7 +74,20 @@ __all__ = [
 _counter = itertools.count(1)
 
 
-def plugin_namespace(*functions: Callable[..., Any], **named: Callable[..., Any]) -> types.SimpleNamespace:
+class PluginNamespace(types.SimpleNamespace):
+    """A namespace of hook functions that compares by identity.
+
+    ``SimpleNamespace`` compares equal by content, and pluggy refuses a
+    plugin equal to one already registered; two bundles of the same
+    functions are still two plugins.
+    """
+
+    __eq__ = object.__eq__
+    __ne__ = object.__ne__
+    __hash__ = object.__hash__
+
+
+def plugin_namespace(*functions: Callable[..., Any], **named: Callable[..., Any]) -> PluginNamespace:
     """Bundle hook functions into one plugin object.
 
     Positional functions are stored under their ``__name__``; keywords under
@@ -89,7 +103,7 @@ def plugin_namespace(*functions: Callable[..., Any], **named: Callable[..., Any]
             raise TypeError(f"plugin_namespace() takes hook functions, got {function!r}")
         members[function.__name__] = function
     members.update(named)
-    return types.SimpleNamespace(**members)
+    return PluginNamespace(**members)
 
 
 def _as_plugin(items: tuple[Any, ...]) -> Any:

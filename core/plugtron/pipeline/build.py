@@ -59,6 +59,8 @@ def _target_device(options: BuildOptions) -> str:
 
 
 def _check_options(config: Any, options: BuildOptions) -> None:
+    if options.load_weights is not None and not options.meta_device:
+        raise PipelineError("build option load_weights needs meta_device=True (weights are loaded once, into fresh storage)")
     if options.meta_device and not config.use_cpu_initialization:
         raise PipelineError(
             "meta-device builds need use_cpu_initialization=True (megatron's GPU initialisation "
@@ -94,8 +96,9 @@ def build_with_builder(builder: ModelBuilder, parallel: "ParallelContext", pm: "
     _place(chunks, device, options, config)  # 4
     chunks = wrap.apply_mixed_precision(chunks, config, context)  # 5
     if options.meta_device:  # 6
+        loader = options.load_weights
         for chunk in chunks:
-            materialize.materialize(chunk, device, builder)
+            materialize.materialize(chunk, device, builder, None if loader is None else lambda c: loader(c, context))
     chunks = wrap.wrap_data_parallel(chunks, config, context)  # 7
     chunks = pm.hooks.post_wrap(chunks, config, context)  # 8
     chunks = run_chain([("builder", h) for h in builder.post_wrap_hooks], chunks, config, context)

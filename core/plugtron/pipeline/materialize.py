@@ -27,7 +27,8 @@ def _set_buffer(root: "torch.nn.Module", name: str, value: "torch.Tensor") -> No
     owner._buffers[leaf] = value
 
 
-def materialize(chunk: "torch.nn.Module", device: str, builder: "ModelBuilder") -> None:
+def materialize(chunk: "torch.nn.Module", device: str, builder: "ModelBuilder", load_weights: Any = None) -> None:
+    """Allocate real storage for ``chunk``; fill it with ``load_weights(chunk)`` or a fresh init."""
     import torch
 
     real_buffers = {n: b for n, b in chunk.named_buffers() if not b.is_meta}
@@ -40,7 +41,10 @@ def materialize(chunk: "torch.nn.Module", device: str, builder: "ModelBuilder") 
         for key, value in param_attrs.get(name, {}).items():
             param.__dict__.setdefault(key, value)
     with torch.no_grad():
-        builder.initialize_parameters(chunk)
+        if load_weights is not None:
+            load_weights(chunk)
+        else:
+            builder.initialize_parameters(chunk)
         _recompute_meta_buffers(chunk, meta_buffers)
 
 
