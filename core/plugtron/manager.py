@@ -119,8 +119,8 @@ class PlugtronPluginManager:
             self.pm.register(plugin, name=name)
             self.pm.check_pending()
         except (pluggy.PluginValidationError, ValueError) as exc:
-            if self.pm.is_registered(plugin):
-                self.pm.unregister(plugin)
+            if self.pm.get_plugin(name) is plugin:  # only undo what this call registered
+                self.pm.unregister(name=name)
             raise PluginError(f"plugin '{name}' ({record.distribution or 'in-process'}): {exc}") from exc
         _check_chained(self.pm, name)
         record.hooks = sorted(c.name for c in self.pm.get_hookcallers(plugin) or [])
@@ -139,7 +139,11 @@ class PlugtronPluginManager:
     def _drop(self, plugin_name: str, exc: BaseException) -> None:
         record = self.records.get(plugin_name) or PluginRecord(plugin_name, None, None, "in-process")
         if record.source == "in-process" or self.strict:
-            raise PluginError(f"plugin '{plugin_name}' failed while registering: {exc!r}") from exc
+            record.status, record.error = "failed", repr(exc)
+            raise PluginError(
+                f"plugtron plugin '{plugin_name}' from {record.distribution or 'in-process'} "
+                f"failed while registering: {exc!r}"
+            ) from exc
         self.pm.unregister(name=plugin_name)
         self._failed(record, exc)
 
@@ -156,7 +160,10 @@ class PlugtronPluginManager:
             families = collect(relay.plugtron_register_families, FamilyInfo)
             specs = collect(relay.plugtron_register_layer_specs, LayerSpecInfo)
             converters = collect(relay.plugtron_register_converters, ConverterInfo)
-            self._tables = _registry.build_registries(families, specs, converters)
+            # A plugin dropped by a later hook loses what earlier hooks registered for it.
+            failed = {name for name, record in self.records.items() if record.status == "failed"}
+            keep = lambda records: [r for r in records if r.plugin not in failed]  # noqa: E731
+            self._tables = _registry.build_registries(keep(families), keep(specs), keep(converters))
         return self._tables
 
     def family(self, name: str) -> FamilyInfo:
