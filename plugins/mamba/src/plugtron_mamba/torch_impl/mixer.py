@@ -1,0 +1,297 @@
+"""Mamba-2 mixer in plain PyTorch, parameter-compatible with megatron-core.
+
+megatron-core 0.16's ``megatron.core.ssm.mamba_mixer.MambaMixer`` refuses to
+construct without ``mamba_ssm`` and imports Triton at module import, so it cannot
+even be imported on a CPU-only machine.  :class:`TorchMambaMixer` accepts the same
+constructor keywords, builds the same parameters (names, shapes, dtypes,
+``tensor_model_parallel`` flags and in_proj row layout) with the same
+initialisation recipe, and computes the same function using ordinary PyTorch ops
+(:func:`~plugtron_mamba.torch_impl.ssd.ssd_chunked` for the scan).  A state dict
+(or distributed checkpoint) saved by either class loads into the other.
+
+Tensor parallelism follows megatron: heads and B/C groups are divided evenly
+between TP ranks; ``in_proj`` is column-parallel and each rank's local output rows
+are ``[z | x | B | C | dt]`` for *its* heads/groups; ``out_proj`` is row-parallel.
+Only the training / prefill computation is implemented: inference caches,
+packed sequences and context parallelism raise ``NotImplementedError``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import build_module
+from megatron.core.utils import deprecate_inference_params
+
+from .norm import GatedRMSNorm
+from .params import (
+    TorchMambaMixerSubmodules,
+    init_A_log,
+    init_dt_bias,
+    mark_tensor_parallel,
+    rng_fork,
+)
+from .ssd import ssd_chunked
+
+__all__ = ["TorchMambaMixer", "TorchMambaMixerSubmodules"]
+
+
+class TorchMambaMixer(MegatronModule):
+    """Drop-in, Triton-free replacement for megatron-core's ``MambaMixer``.
+
+    Arguments are those of megatron 0.16.1's ``MambaMixer``.  As in megatron,
+    ``d_state``, ``headdim``, ``ngroups`` and ``use_mem_eff_path`` are deprecated
+    and ignored in favour of ``config.mamba_state_dim``, ``config.mamba_head_dim``,
+    ``config.mamba_num_groups`` (and ``config.mamba_num_heads``); ``dt_init`` and
+    ``dt_scale`` are accepted but unused (megatron ignores them too).
+    ``use_mem_eff_path`` only selects between two fused kernels in megatron; both
+    compute the same function as this module's single path.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        submodules: TorchMambaMixerSubmodules,
+        d_model: int,
+        d_conv: int = 4,
+        conv_init: Optional[float] = None,
+        expand: float = 2,
+        A_init_range: Tuple[float, float] = (1, 16),
+        D_has_hdim: bool = False,
+        rmsnorm: bool = True,
+        norm_before_gate: bool = False,
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init: str = "random",
+        dt_scale: float = 1.0,
+        dt_init_floor: float = 1e-4,
+        bias: bool = False,
+        conv_bias: bool = True,
+        chunk_size: int = 128,
+        layer_number: Optional[int] = None,
+        use_mem_eff_path: Optional[bool] = None,
+        d_state: Optional[int] = None,
+        headdim: Optional[int] = None,
+        ngroups: Optional[int] = None,
+        pg_collection: Optional[ProcessGroupCollection] = None,
+        pp_layer_offset: int = 0,
+    ) -> None:
+        super().__init__(config)
+        deprecated = dict(use_mem_eff_path=use_mem_eff_path, d_state=d_state, headdim=headdim)
+        for name, value in dict(deprecated, ngroups=ngroups).items():
+            if value is not None:
+                msg = f"'{name}' is deprecated and ignored (read from TransformerConfig)"
+                warnings.warn(msg, DeprecationWarning)
+        if bias:
+            raise ValueError("MambaMixer does not support bias=True (megatron asserts this)")
+        if norm_before_gate:
+            raise ValueError("MambaMixer requires norm_before_gate=False (megatron asserts this)")
+        if pg_collection is None:
+            # megatron requires it; defaulting to the global groups is a convenience
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(["tp", "cp"])
+        self.pg_collection = pg_collection
+        self.tp_group = pg_collection.tp
+        if pg_collection.cp.size() > 1:
+            raise NotImplementedError("TorchMambaMixer does not implement context parallelism")
+
+        self.d_model, self.d_conv, self.conv_init, self.expand = d_model, d_conv, conv_init, expand
+        self.D_has_hdim, self.rmsnorm = D_has_hdim, rmsnorm
+        self.norm_before_gate = norm_before_gate
+        self.chunk_size, self.layer_number = chunk_size, layer_number
+        self.pp_layer_offset = pp_layer_offset
+        self.use_mem_eff_path = config.use_mamba_mem_eff_path
+        self.d_state = config.mamba_state_dim
+        self.headdim = config.mamba_head_dim
+        self.ngroups = config.mamba_num_groups
+        for name in ("d_state", "headdim", "ngroups"):
+            if not getattr(self, name) or getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if config.mamba_num_heads is not None:
+            self.nheads = config.mamba_num_heads
+            self.d_inner = self.nheads * self.headdim
+        else:
+            self.d_inner = int(expand * d_model)
+            if self.d_inner % self.headdim != 0:
+                raise ValueError(f"d_inner ({self.d_inner}) must be divisible by headdim")
+            self.nheads = self.d_inner // self.headdim
+
+        tp_size = self.tp_group.size()
+        if self.nheads % tp_size or self.ngroups % tp_size or self.nheads % self.ngroups:
+            raise ValueError(
+                f"need nheads ({self.nheads}) and ngroups ({self.ngroups}) divisible by the TP "
+                f"size ({tp_size}) and nheads divisible by ngroups"
+            )
+        self.nheads_local_tp = self.nheads // tp_size
+        self.d_inner_local_tp = self.d_inner // tp_size
+        self.ngroups_local_tp = self.ngroups // tp_size
+
+        device = (
+            torch.device("cpu")
+            if config.use_cpu_initialization or not torch.cuda.is_available()
+            else torch.device("cuda", torch.cuda.current_device())
+        )
+        dtype = config.params_dtype
+
+        # Full (un-split) output size; ColumnParallelLinear keeps 1/tp of the rows.
+        self.in_proj = build_module(
+            submodules.in_proj,
+            self.d_model,
+            self.d_inner * 2 + 2 * self.ngroups * self.d_state + self.nheads,  # z x B C dt
+            config=self.config,
+            init_method=self.config.init_method,
+            gather_output=False,
+            bias=bias,
+            skip_bias_add=False,
+            is_expert=False,
+            tp_comm_buffer_name="fc1",
+            tp_group=self.tp_group,
+        )
+
+        conv_dim = self.d_inner_local_tp + 2 * self.ngroups_local_tp * self.d_state  # x B C
+        with rng_fork():
+            # Depthwise causal conv; weight [conv_dim, 1, d_conv].
+            self.conv1d = nn.Conv1d(
+                conv_dim, conv_dim, kernel_size=d_conv, groups=conv_dim, padding=d_conv - 1,
+                bias=conv_bias, device=device, dtype=dtype,
+            )
+            mark_tensor_parallel(self.conv1d.weight)
+            mark_tensor_parallel(self.conv1d.bias)
+            if config.perform_initialization:
+                if conv_init is not None:
+                    nn.init.uniform_(self.conv1d.weight, -conv_init, conv_init)
+                else:
+                    nn.init.kaiming_uniform_(self.conv1d.weight, a=math.sqrt(5))
+        self.activation = "silu"
+        self.act = nn.SiLU()
+
+        n_local = self.nheads_local_tp
+        with rng_fork():
+            self.dt_bias = nn.Parameter(
+                init_dt_bias(n_local, dt_min, dt_max, dt_init_floor, device, dtype)
+            )
+            mark_tensor_parallel(self.dt_bias)
+            self.A_log = nn.Parameter(  # kept in fp32
+                init_A_log(n_local, A_init_range, config.perform_initialization, device)
+            )
+            mark_tensor_parallel(self.A_log)
+
+        d_size = self.d_inner_local_tp if D_has_hdim else self.nheads_local_tp
+        self.D = nn.Parameter(torch.ones(d_size, device=device, dtype=torch.float32))  # fp32
+        mark_tensor_parallel(self.D)
+
+        if rmsnorm:
+            self.norm = GatedRMSNorm(
+                self.d_inner_local_tp,
+                eps=1e-5,
+                group_size=self.d_inner_local_tp // self.ngroups_local_tp,
+                norm_before_gate=False,
+                device=device,
+                dtype=dtype,
+            )
+            mark_tensor_parallel(self.norm.weight)
+
+        self.out_proj = build_module(
+            submodules.out_proj,
+            self.d_inner,
+            self.d_model,
+            config=self.config,
+            init_method=self.config.output_layer_init_method,
+            bias=bias,
+            input_is_parallel=True,
+            skip_bias_add=True,
+            is_expert=False,
+            tp_comm_buffer_name="fc2",
+            tp_group=self.tp_group,
+        )
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        inference_context: Optional[Any] = None,
+        *,
+        inference_params: Optional[Any] = None,
+        packed_seq_params: Optional[Any] = None,
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Map ``[s, b, d_model]`` to ``(out [s, b, d_model], out_bias)``.
+
+        Like megatron, an inference context is only honoured in eval mode; in
+        training mode it is ignored.
+        """
+        inference_context = deprecate_inference_params(inference_context, inference_params)
+        if inference_context is not None and not self.training:
+            raise NotImplementedError(
+                "TorchMambaMixer implements only the training/prefill path without an "
+                "inference cache; cached prefill and token-by-token decoding need megatron's "
+                "MambaMixer (mamba_ssm + causal_conv1d on GPU)."
+            )
+        if packed_seq_params is not None:
+            raise NotImplementedError(
+                "TorchMambaMixer does not support packed sequences (packed_seq_params)"
+            )
+
+        zxbcdt, _ = self.in_proj(hidden_states)
+        y = self._ssm(zxbcdt)
+        return self.out_proj(y)
+
+    def _ssm(self, zxbcdt: torch.Tensor) -> torch.Tensor:
+        """Conv + scan + gated norm on this rank's slice: ``[s, b, in_proj_local]`` to
+        ``[s, b, d_inner_local]``."""
+        seqlen = zxbcdt.shape[0]
+        zxbcdt = zxbcdt.transpose(0, 1)  # [b, s, ...]: the scan wants batch first
+        batch = zxbcdt.shape[0]
+        d_in, n, g = self.d_inner_local_tp, self.d_state, self.ngroups_local_tp
+        z, xbc, dt = torch.split(zxbcdt, [d_in, d_in + 2 * g * n, self.nheads_local_tp], dim=-1)
+
+        # Causal depthwise conv: pad d_conv-1 on both sides, keep the first seqlen outputs.
+        xbc = F.conv1d(
+            xbc.transpose(1, 2),
+            self.conv1d.weight,
+            self.conv1d.bias,
+            padding=self.d_conv - 1,
+            groups=self.conv1d.weight.shape[0],
+        )[..., :seqlen]
+        xbc = self.act(xbc).transpose(1, 2)
+        x, B, C = torch.split(xbc, [d_in, g * n, g * n], dim=-1)
+
+        dt = F.softplus(dt.float() + self.dt_bias.float())
+        A = -torch.exp(self.A_log.float())
+        D = self.D.float()
+        if self.D_has_hdim:
+            D = D.reshape(self.nheads_local_tp, self.headdim)
+        y = ssd_chunked(
+            x.reshape(batch, seqlen, self.nheads_local_tp, self.headdim),
+            dt,
+            A,
+            B.reshape(batch, seqlen, g, n),
+            C.reshape(batch, seqlen, g, n),
+            self.chunk_size,
+            D=D,
+        )
+        y = y.reshape(batch, seqlen, d_in)
+        y = self.norm(y, z) if self.rmsnorm else y * self.act(z)
+        return y.transpose(0, 1).contiguous()
+
+    def mamba_state_shapes_per_request(self) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+        """Per-request (conv state, ssm state) shapes, as megatron reports them."""
+        return (self.conv1d.weight.shape[0], self.d_conv), (
+            self.nheads_local_tp,
+            self.headdim,
+            self.d_state,
+        )
+
+    def sharded_state_dict(
+        self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None
+    ) -> dict:
+        """Distributed-checkpoint layout identical to megatron's MambaMixer."""
+        from .sharding import mamba_mixer_sharded_state_dict
+
+        return mamba_mixer_sharded_state_dict(self, prefix, sharded_offsets, metadata)

@@ -1,0 +1,114 @@
+"""Gated, grouped RMSNorm used at the output of the Mamba-2 mixer.
+
+megatron-core's ``MambaMixer`` normalises the scan output with ``mamba_ssm``'s
+Triton ``RMSNorm`` (wrapped as ``ExtendedRMSNorm``), which cannot be imported
+without Triton.  This module reproduces its semantics in plain PyTorch and keeps
+the same state-dict surface: a single ``weight`` parameter and no bias entry.
+
+Semantics (``mamba_ssm.ops.triton.layernorm_gated.rms_norm_ref``):
+
+* ``norm_before_gate=False`` (the only mode megatron allows):
+  ``y = rmsnorm_per_group(x * silu(z)) * weight``
+* ``norm_before_gate=True``: ``y = rmsnorm_per_group(x) * weight * silu(z)``
+
+"Per group" means the last dimension is cut into contiguous blocks of
+``group_size`` channels and each block is normalised by its own RMS.  Mamba-2
+uses ``group_size = d_inner / ngroups``, so normalisation never mixes channels
+belonging to different B/C groups; this is also what keeps the result identical
+when groups are split across tensor-parallel ranks.  The arithmetic runs in
+float32 (as the Triton kernel does) and the result is cast back to ``x.dtype``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["GatedRMSNorm", "gated_rms_norm"]
+
+
+def gated_rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    z: Optional[torch.Tensor] = None,
+    eps: float = 1e-5,
+    group_size: Optional[int] = None,
+    norm_before_gate: bool = False,
+) -> torch.Tensor:
+    """Functional form of :class:`GatedRMSNorm` (see the module docstring)."""
+    hidden = x.shape[-1]
+    group_size = hidden if group_size is None else group_size
+    if hidden % group_size != 0:
+        raise ValueError(f"last dim {hidden} is not divisible by group_size {group_size}")
+    if z is not None and z.shape != x.shape:
+        raise ValueError(f"gate z must match x: {tuple(z.shape)} vs {tuple(x.shape)}")
+
+    h = x.float()
+    gate = F.silu(z.float()) if z is not None else None
+    if gate is not None and not norm_before_gate:
+        h = h * gate
+    grouped = h.reshape(*h.shape[:-1], hidden // group_size, group_size)
+    inv_rms = torch.rsqrt(grouped.pow(2).mean(dim=-1, keepdim=True) + eps)
+    out = (grouped * inv_rms).reshape(h.shape) * weight.float()
+    if gate is not None and norm_before_gate:
+        out = out * gate
+    return out.to(x.dtype)
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm with an optional SiLU gate and per-group statistics.
+
+    Constructor arguments mirror ``mamba_ssm``'s ``RMSNorm`` (which megatron
+    builds with ``eps=1e-5`` and ``group_size=d_inner_local // ngroups_local``) so
+    it is a drop-in replacement, including ``device``/``dtype`` factory kwargs.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        eps: float = 1e-5,
+        group_size: Optional[int] = None,
+        norm_before_gate: bool = False,
+        device: Optional[torch.device | str | int] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        super().__init__()
+        group_size = hidden_size if group_size is None else group_size
+        if group_size <= 0 or hidden_size % group_size != 0:
+            raise ValueError(
+                f"hidden_size ({hidden_size}) must be a positive multiple of group_size "
+                f"({group_size})"
+            )
+        self.hidden_size = hidden_size
+        self.eps = eps
+        self.group_size = group_size
+        self.norm_before_gate = norm_before_gate
+        self.weight = nn.Parameter(torch.empty(hidden_size, device=device, dtype=dtype))
+        # Registered as None so that, like mamba_ssm's RMSNorm, there is no bias key
+        # in the state dict but ``module.bias`` exists.
+        self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialise the scale to ones, as mamba_ssm does."""
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor, z: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Normalise ``x`` (optionally gated by ``z``) over groups of the last dim."""
+        return gated_rms_norm(
+            x,
+            self.weight,
+            z=z,
+            eps=self.eps,
+            group_size=self.group_size,
+            norm_before_gate=self.norm_before_gate,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.hidden_size}, eps={self.eps}, group_size={self.group_size}, "
+            f"norm_before_gate={self.norm_before_gate}"
+        )
