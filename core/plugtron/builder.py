@@ -39,8 +39,10 @@ class BuildOptions:
     mixed_precision: str = attrs.field(default="auto", validator=attrs.validators.in_(PRECISIONS))
     meta_device: bool = False
     ddp_config: dict[str, Any] = attrs.field(factory=dict)
+    #: After DDP wrapping, copy data-parallel rank 0's parameters to every replica.
     broadcast_params: bool = False
-    data_parallel_random_init: bool = False
+    #: Print the parameter count per (TP, PP) rank on rank 0 (the CLI prints its own report).
+    print_report: bool = True
     device: str = attrs.field(default="auto", validator=attrs.validators.in_(("auto", "cpu", "cuda")))
     #: ``load_weights(chunk, context)`` fills a materialised meta chunk (e.g. from a
     #: checkpoint) instead of random initialisation; needs ``meta_device=True``.

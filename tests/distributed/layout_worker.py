@@ -70,8 +70,6 @@ def _compare_grads(built, config, ref_grads: dict) -> tuple[float, str, int]:
     for chunk in built.chunks:
         offset = layer_offset(chunk)
         for name, param in unwrap(chunk).named_parameters():
-            if hasattr(param, "full_tensor"):  # FSDP2: DTensor parameter
-                param = param
             full = tp_gather(_grad(param), param, group, built.context.parallel.tp, glu=_glu(config, name))
             gname = _global(name, offset, config.share_embeddings_and_output_weights)
             diff = float((full.float() - ref_grads[gname]).abs().max())

@@ -61,7 +61,7 @@ def _build_on_this_rank(config: Any, args: argparse.Namespace, pm: Any) -> int:
         config.virtual_pipeline_model_parallel_size, timeout_s=FAILURE_TIMEOUT_S,
     )
     try:
-        built = build_model(config, parallel=parallel, options=BuildOptions(meta_device=args.meta, wrap=args.wrap), pm=pm)
+        built = build_model(config, parallel=parallel, options=BuildOptions(meta_device=args.meta, wrap=args.wrap, print_report=False), pm=pm)
         loss = _step(built, config, args) if args.step else None
         _report(built, parallel, pm, loss)
     except BaseException as exc:

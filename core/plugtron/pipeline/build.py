@@ -110,7 +110,15 @@ def build_with_builder(builder: ModelBuilder, parallel: "ParallelContext", pm: "
         build_seconds=time.perf_counter() - started,
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     )
+    if options.print_report and parallel.rank == 0:
+        print(format_params(report.params_per_rank), flush=True)
     return BuiltModel(chunks, context, report)
+
+
+def format_params(params_per_rank: dict[tuple[int, int], int]) -> str:
+    return "plugtron: parameters per rank: " + ", ".join(
+        f"(tp={tp}, pp={pp}) {count:,}" for (tp, pp), count in sorted(params_per_rank.items())
+    )
 
 
 def params_per_rank(chunks: list, parallel: "ParallelContext") -> dict[tuple[int, int], int]:
