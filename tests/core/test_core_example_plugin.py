@@ -48,24 +48,11 @@ def test_readme_config_is_a_valid_toy_config(plugtron_manager_factory):
 
 @pytest.fixture
 def single_rank():
-    """A one-rank gloo group for one in-process build, torn down afterwards.
+    """A one-rank gloo group (``initialize_parallel`` also switches the CPU runtime on)."""
+    from plugtron.runtime import parallel
 
-    ``initialize_parallel`` also switches plugtron's CPU runtime on; it is
-    switched off again unless something before this test had enabled it.
-    """
-    import torch.distributed as dist
-
-    from plugtron.runtime import cpu, parallel
-
-    if dist.is_initialized():
-        pytest.skip("torch.distributed is already initialised by another test")
-    was_enabled = cpu.is_enabled()
-    try:
-        yield parallel.initialize_parallel(1, 1)
-    finally:
-        parallel.destroy_parallel()
-        if not was_enabled:
-            cpu.disable()
+    # Reuses the process's single-rank group when another test made it first.
+    return parallel.initialize_parallel(1, 1)
 
 
 def test_toy_model_builds_trains_and_runs_the_post_wrap_hook(single_rank):

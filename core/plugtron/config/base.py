@@ -19,6 +19,7 @@ Family configs are declared with :func:`model_config`::
 from __future__ import annotations
 
 import difflib
+import re
 import functools
 from typing import Any, Callable, ClassVar, TypeVar
 
@@ -98,7 +99,8 @@ class ModelConfig:
         try:
             return cls(**self._tc_kwargs)
         except (ValueError, AssertionError, TypeError) as exc:
-            field = next((k for k in self._tc_kwargs if k in str(exc)), "transformer")
+            mentioned = [k for k in self._tc_kwargs if re.search(rf"\b{re.escape(k)}\b", str(exc))]
+            field = max(mentioned, key=len) if mentioned else "transformer"
             raise ConfigError(field, f"megatron-core rejects it: {exc}", config=type(self).__name__) from exc
 
     def __getattr__(self, name: str) -> Any:

@@ -7,29 +7,31 @@ from typing import Any
 import torch
 
 from plugtron.builder import ModelBuilder
+from plugtron_gpt.config import YARN_FIELDS
 from plugtron_gpt.specs import uses_transformer_engine
-
-_YARN_FIELDS = (
-    "yarn_rotary_scaling_factor", "yarn_original_max_position_embeddings", "yarn_beta_fast",
-    "yarn_beta_slow", "yarn_mscale", "yarn_mscale_all_dim", "yarn_correction_range_round_to_int",
-)
 
 
 class GPTModelBuilder(ModelBuilder):
     def _transformer_config(self) -> Any:
+        """The live TransformerConfig, with the YaRN fields megatron reads from it with ``getattr``.
+
+        They are set only for YaRN: attention applies YaRN's mscale whenever
+        the config *has* ``yarn_rotary_scaling_factor``.
+        """
         tc = self.config.transformer
         if self.config.position_embedding_type == "yarn":
-            for name in _YARN_FIELDS:  # megatron's GPTModel reads them with getattr
+            for name in YARN_FIELDS:
                 setattr(tc, name, getattr(self.config, name))
         return tc
 
     def mtp_block_spec(self, layer_spec: Any, vp_stage: int | None) -> Any:
+        """The MTP block built from the chosen layer spec and backend (``None`` without MTP)."""
         if not self.config.mtp_num_layers:
             return None
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
+        from plugtron_gpt.mtp import mtp_block_spec
 
         te = uses_transformer_engine(self.spec_choice.info.name)
-        return get_gpt_mtp_block_spec(self.config.transformer, layer_spec, use_transformer_engine=te, vp_stage=vp_stage)
+        return mtp_block_spec(self.config.transformer, layer_spec, te, vp_stage)
 
     def build_stage(self, *, pre_process: bool, post_process: bool, vp_stage: int | None, pg_collection: Any) -> torch.nn.Module:
         from megatron.core.models.gpt import GPTModel
@@ -59,6 +61,7 @@ class GPTModelBuilder(ModelBuilder):
         )
 
     def random_batch(self, batch_size: int, seq_length: int, seed: int = 0) -> dict[str, Any]:
+        """Random tokens from the unpadded vocab; position_ids [3, b, s] for mrope."""
         gen = torch.Generator().manual_seed(seed)
         tokens = torch.randint(0, self.config.vocab_size, (batch_size, seq_length + 1), generator=gen)
         positions = torch.arange(seq_length).unsqueeze(0).expand(batch_size, -1)
@@ -67,6 +70,37 @@ class GPTModelBuilder(ModelBuilder):
         return {"tokens": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous(), "position_ids": positions.contiguous()}
 
     def forward_step(self, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-        return model(
-            input_ids=batch["tokens"], position_ids=batch["position_ids"], attention_mask=None, labels=batch.get("labels")
-        )
+        """Per-token loss [b, s] with labels, else logits [b, s, vocab].
+
+        With MTP and labels in training mode, megatron also records the MTP
+        losses (read them with :meth:`mtp_losses`) and adds their gradient,
+        scaled by ``mtp_loss_scaling_factor / mtp_num_layers`` and averaged over
+        tokens, to the backward pass of the returned loss: call
+        ``loss.mean().backward()`` for the two to be weighted as megatron intends
+        (its pipeline schedules, which call this too, then rescale both per micro-batch).
+        Without labels the MTP block is skipped (megatron 0.16.1 cannot run it then).
+        """
+        from plugtron_gpt import mtp
+
+        labels = batch.get("labels")
+        kwargs = dict(input_ids=batch["tokens"], position_ids=batch["position_ids"], attention_mask=batch.get("attention_mask"))
+        if labels is None:
+            with mtp.mtp_disabled(model):
+                return model(**kwargs)
+        if self.config.mtp_num_layers:
+            mtp.prepare_forward(self.config.mtp_num_layers)
+        return model(**kwargs, labels=labels, loss_mask=batch.get("loss_mask"))
+
+    def mtp_losses(self, reset: bool = True) -> torch.Tensor | None:
+        """The MTP loss of each MTP layer (mean over tokens), summed over training forwards.
+
+        Read from megatron's process-wide ``MTPLossLoggingHelper`` tracker on
+        this rank, without any cross-rank reduction; ``reset`` zeroes it for the
+        next step. ``None`` when the model has no MTP or nothing was recorded
+        (megatron records only in training mode, with labels).
+        """
+        if not self.config.mtp_num_layers:
+            return None
+        from plugtron_gpt import mtp
+
+        return mtp.read_losses(reset)

@@ -1,13 +1,50 @@
-"""``GPTModelConfig``: the GPT family's fields on top of megatron's TransformerConfig."""
+"""``GPTModelConfig``: the GPT family's fields on top of megatron's TransformerConfig.
+
+The family fields are the ``GPTModel`` constructor arguments megatron does not
+keep on its TransformerConfig (vocab, position embedding, RoPE variants), plus
+the YaRN knobs that megatron reads off the config with ``getattr``. Everything
+else (num_layers, num_query_groups, normalization, qk_layernorm, gated linear
+units, biases, mtp_num_layers, mtp_loss_scaling_factor, mrope_section ...) is a
+TransformerConfig field and is set and read directly on this object.
+
+Which settings :meth:`GPTModelConfig.validate` rejects, and why:
+
+* A switch that only modifies a position embedding the model does not use
+  (``rope_scaling``, a non-default ``rope_scaling_factor``,
+  ``seq_len_interpolation_factor``, any non-default ``yarn_*`` field,
+  ``mrope_section``) is an error: megatron would ignore it silently, and a
+  silently dropped RoPE scaling is a wrong model that still trains.
+* The rotary geometry fields every config carries (``rotary_base``,
+  ``rotary_percent``, ``rotary_interleaved``) are accepted and ignored with
+  ``learned_absolute`` and ``none``: they have no effect there and a converter
+  may fill them generically.
+* Settings megatron accepts but computes wrongly or fails on only at the first
+  forward pass (odd rotary dimension, ``rotary_percent`` with YaRN,
+  interleaved YaRN or mrope, an ``mrope_section`` that does not cover the rotary
+  dimension) are rejected before any tensor exists.
+"""
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
+
+import attrs
 
 from plugtron.config import ModelConfig, model_config
 from plugtron.errors import ConfigError
 
 POSITION_EMBEDDINGS = ("learned_absolute", "rope", "yarn", "mrope", "none")
+ROTARY = ("rope", "yarn", "mrope")
+NORMALIZATIONS = ("LayerNorm", "RMSNorm")
+#: TransformerConfig switches the GPT layer specs do not build (they would be ignored silently).
+UNSUPPORTED = {
+    "num_moe_experts": "the gpt family's layer specs build dense MLPs; MoE is not supported yet",
+    "multi_latent_attention": "needs megatron's MLATransformerConfig, which the gpt family does not use",
+}
+YARN_FIELDS = (
+    "yarn_rotary_scaling_factor", "yarn_original_max_position_embeddings", "yarn_beta_fast",
+    "yarn_beta_slow", "yarn_mscale", "yarn_mscale_all_dim", "yarn_correction_range_round_to_int",
+)
 
 
 @model_config
@@ -18,6 +55,7 @@ class GPTModelConfig(ModelConfig):
 
     family: ClassVar[str] = "gpt"
 
+    #: Unpadded vocabulary; the builder pads it (see :meth:`padded_vocab_size`).
     vocab_size: int = 0
     seq_length: int = 2048
     make_vocab_size_divisible_by: int = 128
@@ -25,8 +63,10 @@ class GPTModelConfig(ModelConfig):
     position_embedding_type: str = "rope"
     rotary_percent: float = 1.0
     rotary_base: int = 10000
+    #: Llama-3 frequency scaling (megatron's constants: low 1, high 4, original 8192).
     rope_scaling: bool = False
     rope_scaling_factor: float = 8.0
+    #: Linear position interpolation for rope/mrope: positions are divided by it.
     seq_len_interpolation_factor: float | None = None
     share_embeddings_and_output_weights: bool = False
     parallel_output: bool = True
@@ -48,22 +88,121 @@ class GPTModelConfig(ModelConfig):
         multiple = self.make_vocab_size_divisible_by * (self._get("tensor_model_parallel_size", 1) or 1)
         return -(-self.vocab_size // multiple) * multiple
 
+    def rotary_dim(self) -> int:
+        """Channels per head that RoPE rotates: int(kv_channels x rotary_percent), as megatron computes it."""
+        kv = self._get("kv_channels") or self._get("hidden_size") // self._get("num_attention_heads")
+        return int(kv * self.rotary_percent) if self.rotary_percent < 1.0 else kv
+
+    # -- validation --------------------------------------------------------
     def validate(self) -> None:
-        name = type(self).__name__
+        """Each rule group raises :class:`ConfigError` naming the field it blames."""
+        self._check_sizes()
+        self._check_layers()
+        self._check_position_embedding()
+        self._check_unused_position_fields()
+        if self.position_embedding_type in ROTARY:
+            self._check_rotary()
+        if self.position_embedding_type == "yarn":
+            self._check_yarn()
+        if self.position_embedding_type == "mrope":
+            self._check_mrope()
+        self._check_mtp()
+
+    def _fail(self, field: str, rule: str) -> None:
+        raise ConfigError(field, rule, config=type(self).__name__)
+
+    def _is_default(self, name: str) -> bool:
+        return getattr(self, name) == attrs.fields_dict(type(self))[name].default
+
+    def _check_sizes(self) -> None:
+        tp = self._get("tensor_model_parallel_size", 1) or 1
         if self.vocab_size <= 0:
-            raise ConfigError("vocab_size", "is required and must be positive", config=name)
-        if self.position_embedding_type not in POSITION_EMBEDDINGS:
-            raise ConfigError("position_embedding_type", f"must be one of {', '.join(POSITION_EMBEDDINGS)}", config=name)
+            self._fail("vocab_size", "is required and must be positive")
+        if self.seq_length <= 0:
+            self._fail("seq_length", "must be positive")
+        if self.make_vocab_size_divisible_by < 1:
+            self._fail("make_vocab_size_divisible_by", "must be >= 1")
+        if not self.should_pad_vocab and self.vocab_size % tp:
+            self._fail("vocab_size", "must be divisible by tensor_model_parallel_size when should_pad_vocab is False")
+
+    def _check_layers(self) -> None:
+        normalization = self._get("normalization", "LayerNorm")
+        if normalization not in NORMALIZATIONS:
+            self._fail("normalization", f"must be one of {', '.join(NORMALIZATIONS)}, not {normalization!r}")
+        for name, why in UNSUPPORTED.items():
+            if self._get(name):
+                self._fail(name, why)
+        activation = self._get("activation_func")
+        if activation is not None and not callable(activation):
+            self._fail("activation_func", f"must be a callable (an import path like 'torch.nn.functional:silu' in files), not {activation!r}")
+
+    def _check_position_embedding(self) -> None:
+        kind = self.position_embedding_type
+        if kind not in POSITION_EMBEDDINGS:
+            self._fail("position_embedding_type", f"must be one of {', '.join(POSITION_EMBEDDINGS)}, not {kind!r}")
         if not 0.0 < self.rotary_percent <= 1.0:
-            raise ConfigError("rotary_percent", "must be in (0, 1]", config=name)
-        if self.rope_scaling and self.position_embedding_type != "rope":
-            raise ConfigError("rope_scaling", "Llama-3 scaling applies to position_embedding_type='rope' only", config=name)
-        if self.rope_scaling and self.seq_len_interpolation_factor:
-            raise ConfigError("seq_len_interpolation_factor", "cannot be combined with rope_scaling", config=name)
-        if self.position_embedding_type == "mrope" and not self._get("mrope_section"):
-            raise ConfigError("mrope_section", "is required for position_embedding_type='mrope'", config=name)
-        if not self.should_pad_vocab and self.vocab_size % (self._get("tensor_model_parallel_size", 1) or 1):
-            raise ConfigError("vocab_size", "must be divisible by tensor_model_parallel_size when should_pad_vocab is False", config=name)
-        mtp = self._get("mtp_num_layers")
-        if mtp is not None and mtp < 0:
-            raise ConfigError("mtp_num_layers", "must be >= 0", config=name)
+            self._fail("rotary_percent", "must be in (0, 1]")
+        if self.rotary_base <= 0:
+            self._fail("rotary_base", "must be positive")
+
+    def _check_unused_position_fields(self) -> None:
+        """Opt-in modifiers of a position embedding the model does not use would be ignored silently."""
+        kind = self.position_embedding_type
+        if self.rope_scaling and kind != "rope":
+            self._fail("rope_scaling", f"Llama-3 scaling applies to position_embedding_type='rope' only, not {kind!r}")
+        if not self.rope_scaling and not self._is_default("rope_scaling_factor"):
+            self._fail("rope_scaling_factor", "is set but rope_scaling is False, so it would be ignored")
+        if self.rope_scaling and self.rope_scaling_factor < 1.0:
+            self._fail("rope_scaling_factor", "must be >= 1 (Llama-3 scaling divides low frequencies by it)")
+        if self.seq_len_interpolation_factor is not None:
+            if kind not in ("rope", "mrope"):
+                self._fail("seq_len_interpolation_factor", f"is used by rope and mrope only; megatron ignores it for {kind!r}")
+            if self.rope_scaling:
+                self._fail("seq_len_interpolation_factor", "cannot be combined with rope_scaling")
+            if self.seq_len_interpolation_factor < 1.0:
+                self._fail("seq_len_interpolation_factor", "must be >= 1 (positions are divided by it)")
+        if kind != "yarn":
+            for name in YARN_FIELDS:
+                if not self._is_default(name):
+                    self._fail(name, f"only applies to position_embedding_type='yarn', not {kind!r}")
+        if kind != "mrope" and self._get("mrope_section") is not None:
+            self._fail("mrope_section", f"only applies to position_embedding_type='mrope', not {kind!r}")
+
+    def _check_rotary(self) -> None:
+        dim = self.rotary_dim()
+        if dim < 2 or dim % 2:
+            self._fail("rotary_percent", f"kv_channels x rotary_percent = {dim} rotary channels; RoPE needs an even number >= 2")
+
+    def _check_yarn(self) -> None:
+        if self.rotary_percent != 1.0:
+            self._fail("rotary_percent", "megatron's YaRN rotates all kv_channels; partial rotary is not supported")
+        if self._get("rotary_interleaved"):
+            self._fail("rotary_interleaved", "megatron's YaRN does not support interleaved rotary embeddings")
+        if self.yarn_rotary_scaling_factor <= 0:
+            self._fail("yarn_rotary_scaling_factor", "must be positive")
+        if self.yarn_original_max_position_embeddings <= 0:
+            self._fail("yarn_original_max_position_embeddings", "must be positive")
+        if not self.yarn_beta_fast > self.yarn_beta_slow > 0:
+            self._fail("yarn_beta_fast", f"need yarn_beta_fast > yarn_beta_slow > 0, got {self.yarn_beta_fast} and {self.yarn_beta_slow}")
+
+    def _check_mrope(self) -> None:
+        if self._get("rotary_interleaved"):
+            self._fail("rotary_interleaved", "megatron 0.16's multimodal RoPE fails with interleaved rotary embeddings")
+        section = self._get("mrope_section")
+        if not section:
+            self._fail("mrope_section", "is required for position_embedding_type='mrope'")
+        if len(section) != 3 or not all(isinstance(s, int) and s >= 0 for s in section):
+            self._fail("mrope_section", f"must be 3 non-negative integers (temporal, height, width), got {section!r}")
+        half = self.rotary_dim() // 2
+        if sum(section) != half:
+            self._fail("mrope_section", f"sums to {sum(section)} but must equal the rotary frequencies per head, kv_channels x rotary_percent / 2 = {half}")
+
+    def _check_mtp(self) -> None:
+        layers: Any = self._get("mtp_num_layers")
+        if layers is None:
+            return
+        if not isinstance(layers, int) or layers < 0:
+            self._fail("mtp_num_layers", f"must be a non-negative integer, got {layers!r}")
+        factor = self._get("mtp_loss_scaling_factor", 0.1)
+        if layers and (factor is None or factor < 0):
+            self._fail("mtp_loss_scaling_factor", f"must be >= 0 when mtp_num_layers is set, got {factor!r}")

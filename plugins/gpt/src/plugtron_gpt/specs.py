@@ -1,8 +1,10 @@
 """GPT layer specs and their availability checks.
 
 Checks look for modules with ``importlib.util.find_spec`` (no import) and ask
-torch about CUDA, so ``auto`` really picks what works here. The MTP block is
-built from the same spec, so it uses the same backend as the main layers.
+torch about CUDA, so ``auto`` really picks what works here (tests replace
+only ``_has`` and ``_cuda`` to see the choice on a GPU machine). The MTP block
+copies the chosen layer spec and takes its norms and linears from the same
+backend (see :mod:`plugtron_gpt.mtp`).
 """
 
 from __future__ import annotations
