@@ -79,6 +79,21 @@ def _compare_grads(built, config, ref_grads: dict) -> tuple[float, str, int]:
     return worst, worst_name, checked
 
 
+def _logits_diff(built, batch: dict, ref_logits: torch.Tensor) -> float | None:
+    """Full-vocab logits of a single-stage layout against the reference (TP gathers the vocab shards)."""
+    from megatron.core import parallel_state
+
+    if built.context.parallel.pp > 1:
+        return None
+    model = unwrap(built.chunks[0])
+    with torch.no_grad():
+        local = model(input_ids=batch["tokens"], position_ids=batch["position_ids"], attention_mask=None)
+    tp = built.context.parallel.tp
+    parts = [torch.empty_like(local) for _ in range(tp)]
+    dist.all_gather(parts, local.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+    return float((torch.cat(parts, dim=-1) - ref_logits).abs().max())
+
+
 def run_scenario(ref: dict, scenario: dict) -> dict:
     config = from_dict(ref["config"], PlugtronPluginManager())
     tp, pp, vp = scenario.get("tp", 1), scenario.get("pp", 1), scenario.get("vp")
@@ -90,6 +105,7 @@ def run_scenario(ref: dict, scenario: dict) -> dict:
     built = build_model(config, parallel=parallel, options=BuildOptions(wrap=scenario.get("wrap", "none")), pm=pm)
     if scenario.get("force_batch_p2p"):
         unwrap(built.chunks[0]).config.batch_p2p_comm = True
+    logits_diff = _logits_diff(built, ref["batches"][0], ref["logits"])
     dp, dp_rank = parallel.dp, parallel.dp_rank
     loss = forward_backward(built, ref["batches"][dp_rank::dp])
     losses: list = [None] * parallel.world_size
@@ -105,6 +121,7 @@ def run_scenario(ref: dict, scenario: dict) -> dict:
         "max_grad_diff": max(d[0] for d in diffs),
         "worst": max(diffs)[1],
         "params_checked": sum(d[2] for d in diffs),
+        "max_logits_diff": logits_diff,
     }
 
 

@@ -55,10 +55,12 @@ def _reference(tied: bool) -> dict:
     built = build_model(config, parallel=initialize_parallel(), options=BuildOptions(), pm=PlugtronPluginManager())
     model = built.chunks[0]
     batches = [built.context.builder.random_batch(2, 16, seed=10 + i) for i in range(4)]
+    with torch.no_grad():
+        logits = model(input_ids=batches[0]["tokens"], position_ids=batches[0]["position_ids"], attention_mask=None)
     loss = forward_backward(built, batches)
     state = {n: p.detach().clone() for n, p in model.named_parameters()}
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
-    return {"config": saved, "state": state, "grads": grads, "loss": loss, "batches": batches}
+    return {"config": saved, "state": state, "grads": grads, "loss": loss, "batches": batches, "logits": logits}
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +83,8 @@ def test_layout_matches_single_process(layout_results, name):
     assert result["params_checked"] > 0
     assert result["loss"] == pytest.approx(result["ref_loss"], abs=1e-5), result
     assert result["max_grad_diff"] < 1e-5, result
+    if "pp=" not in name:  # single-stage layouts: full logits, TP shards gathered
+        assert result["max_logits_diff"] is not None and result["max_logits_diff"] < 1e-5, result
 
 
 def test_gloo_interleaved_trap_is_real_and_avoided(layout_results):
