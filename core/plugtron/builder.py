@@ -121,3 +121,29 @@ class ModelBuilder(abc.ABC):
 
     def random_batch(self, batch_size: int, seq_length: int, seed: int = 0) -> dict[str, Any]:
         raise NotImplementedError(f"{type(self).__name__} does not define a random batch")
+
+
+class LanguageModelBuilder(ModelBuilder):
+    """A builder for token-in, loss-out language models (GPT, Mamba ...).
+
+    Gives the batch and step contract megatron's language models share:
+    ``model(input_ids, position_ids, attention_mask, labels)`` returns the
+    per-token loss [b, s] with labels and the logits without.
+    """
+
+    def random_batch(self, batch_size: int, seq_length: int, seed: int = 0) -> dict[str, Any]:
+        """Random tokens from the unpadded vocab, labels shifted by one, positions 0..s-1."""
+        import torch
+
+        gen = torch.Generator().manual_seed(seed)
+        tokens = torch.randint(0, self.config.vocab_size, (batch_size, seq_length + 1), generator=gen)
+        positions = torch.arange(seq_length).unsqueeze(0).expand(batch_size, -1).contiguous()
+        return {"tokens": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous(), "position_ids": positions}
+
+    def forward_step(self, model: "torch.nn.Module", batch: dict[str, Any]) -> Any:
+        return model(
+            input_ids=batch["tokens"],
+            position_ids=batch["position_ids"],
+            attention_mask=batch.get("attention_mask"),
+            labels=batch.get("labels"),
+        )

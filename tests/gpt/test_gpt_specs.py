@@ -3,7 +3,7 @@
 The availability checks are real (``importlib.util.find_spec`` and
 ``torch.cuda.is_available``). To see what ``auto`` does on a machine with
 transformer-engine and CUDA, only those two probes are replaced
-(``plugtron_gpt.specs._has`` / ``_cuda``); megatron itself is never faked, so
+(``plugtron.availability.module_present`` / ``cuda_present``); megatron itself is never faked, so
 these tests only *select* GPU specs and never build them.
 """
 
@@ -14,7 +14,7 @@ import torch
 
 import plugtron_gpt.plugin
 import plugtron_gpt.specs as specs
-from plugtron import LayerSpecError, PlugtronPluginManager
+from plugtron import LayerSpecError, PlugtronPluginManager, availability
 from plugtron.layer_specs import select_layer_spec
 
 
@@ -29,8 +29,8 @@ def machine(monkeypatch):
     """``machine(modules={...}, cuda=bool)``: pretend these modules are installed and CUDA is (not) there."""
 
     def pretend(modules: set[str], cuda: bool) -> None:
-        monkeypatch.setattr(specs, "_has", lambda module: module in modules)
-        monkeypatch.setattr(specs, "_cuda", lambda: cuda)
+        monkeypatch.setattr(availability, "module_present", lambda module: module in modules)
+        monkeypatch.setattr(availability, "cuda_present", lambda: cuda)
 
     return pretend
 

@@ -1,8 +1,12 @@
-"""Fixtures for the pure-PyTorch Mamba tests.
+"""Fixtures for the Mamba tests (mixer and family).
 
 megatron's parallel layers need ``torch.distributed`` and megatron's model-parallel
 state even on one CPU process, so a module-scoped fixture brings up a one-rank
-gloo group with TP = PP = 1 and tears both down afterwards.
+gloo group with TP = PP = 1 and tears both down afterwards (only what it
+created: a one-rank group some earlier test folder left behind is reused).
+
+Family tests build through the shared pipeline with :func:`build` on a tiny
+hybrid config (:data:`TINY`, pattern ``M*M-``) that they override per test.
 """
 
 from __future__ import annotations
@@ -28,17 +32,22 @@ def megatron_single_rank() -> Iterator[None]:
         warnings.simplefilter("ignore")
         from megatron.core import parallel_state
 
-    if torch.distributed.is_initialized():
-        pytest.skip("torch.distributed already initialised by another test module")
-    torch.distributed.init_process_group(
-        "gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{_free_port()}"
-    )
+    created = not torch.distributed.is_initialized()
+    if not created and torch.distributed.get_world_size() != 1:
+        pytest.skip("torch.distributed already initialised with several ranks by another test module")
+    if created:
+        torch.distributed.init_process_group(
+            "gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{_free_port()}"
+        )
     try:
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
         parallel_state.initialize_model_parallel(1, 1)
         yield
     finally:
         parallel_state.destroy_model_parallel()
-        torch.distributed.destroy_process_group()
+        if created:
+            torch.distributed.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +93,63 @@ def make_mixer(megatron_single_rank: None) -> Callable[..., Any]:
             )
 
     return build
+
+
+# -- family tests ---------------------------------------------------------------
+
+SEED = 1234  # plugtron.runtime.parallel.initialize_parallel's default
+
+#: A tiny hybrid model (Mamba, attention, Mamba, MLP); tests override what they exercise.
+TINY: dict[str, Any] = dict(
+    num_layers=4, hybrid_override_pattern="M*M-", hidden_size=64, num_attention_heads=4,
+    ffn_hidden_size=96, vocab_size=100, seq_length=32, mamba_state_dim=16, mamba_head_dim=16,
+    mamba_num_groups=2, mamba_chunk_size=8, normalization="RMSNorm", add_bias_linear=False,
+    hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True,
+)
+
+
+@pytest.fixture(autouse=True)
+def _quiet() -> Iterator[None]:
+    """megatron warns about apex, TE and deprecated arguments on every CPU build."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+@pytest.fixture(scope="module")
+def mamba_parallel() -> Iterator[Any]:
+    """A single-rank gloo group with TP = PP = 1 for the module (torn down if created here)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from plugtron.runtime.parallel import destroy_parallel, initialize_parallel
+
+        created = not torch.distributed.is_initialized()
+        context = initialize_parallel(1, 1)
+    yield context
+    if created:
+        destroy_parallel()
+
+
+@pytest.fixture(scope="module")
+def tiny_config() -> Callable[..., Any]:
+    """``tiny_config(**overrides)`` -> a MambaModelConfig based on :data:`TINY`."""
+    from plugtron_mamba.config import MambaModelConfig
+
+    def make(**overrides: Any) -> Any:
+        return MambaModelConfig(**{**TINY, **overrides})
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def build(mamba_parallel: Any) -> Callable[..., Any]:
+    """``build(config, meta=False)`` -> BuiltModel through the shared pipeline, re-seeded per call."""
+    from plugtron import BuildOptions
+    from plugtron.pipeline import build_model
+    from plugtron.runtime.cpu import seed_everything
+
+    def run(config: Any, meta: bool = False) -> Any:
+        seed_everything(SEED)
+        return build_model(config, parallel=mamba_parallel, options=BuildOptions(meta_device=meta))
+
+    return run

@@ -46,6 +46,14 @@ def transformer_fields(path: str) -> dict[str, Any]:
     return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls) if f.init}
 
 
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int, *, pad: bool = True) -> int:
+    """megatron's rule: round the vocab up to a multiple of ``divisible_by x tp``."""
+    if not pad:
+        return vocab_size
+    multiple = divisible_by * tp
+    return -(-vocab_size // multiple) * multiple
+
+
 def _suggest(name: str, candidates: Any) -> str:
     close = difflib.get_close_matches(name, list(candidates), n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""

@@ -6,12 +6,12 @@ from typing import Any
 
 import torch
 
-from plugtron.builder import ModelBuilder
+from plugtron.builder import LanguageModelBuilder
 from plugtron_gpt.config import YARN_FIELDS
 from plugtron_gpt.specs import uses_transformer_engine
 
 
-class GPTModelBuilder(ModelBuilder):
+class GPTModelBuilder(LanguageModelBuilder):
     def _transformer_config(self) -> Any:
         """The live TransformerConfig, with the YaRN fields megatron reads from it with ``getattr``.
 
@@ -61,13 +61,11 @@ class GPTModelBuilder(ModelBuilder):
         )
 
     def random_batch(self, batch_size: int, seq_length: int, seed: int = 0) -> dict[str, Any]:
-        """Random tokens from the unpadded vocab; position_ids [3, b, s] for mrope."""
-        gen = torch.Generator().manual_seed(seed)
-        tokens = torch.randint(0, self.config.vocab_size, (batch_size, seq_length + 1), generator=gen)
-        positions = torch.arange(seq_length).unsqueeze(0).expand(batch_size, -1)
+        """The core's random batch; position_ids [3, b, s] for mrope."""
+        batch = super().random_batch(batch_size, seq_length, seed)
         if self.config.position_embedding_type == "mrope":
-            positions = positions.unsqueeze(0).expand(3, -1, -1)
-        return {"tokens": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous(), "position_ids": positions.contiguous()}
+            batch["position_ids"] = batch["position_ids"].unsqueeze(0).expand(3, -1, -1).contiguous()
+        return batch
 
     def forward_step(self, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         """Per-token loss [b, s] with labels, else logits [b, s, vocab].

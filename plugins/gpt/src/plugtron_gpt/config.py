@@ -31,6 +31,7 @@ from typing import Any, ClassVar
 import attrs
 
 from plugtron.config import ModelConfig, model_config
+from plugtron.config.base import padded_vocab_size
 from plugtron.errors import ConfigError
 
 POSITION_EMBEDDINGS = ("learned_absolute", "rope", "yarn", "mrope", "none")
@@ -83,10 +84,8 @@ class GPTModelConfig(ModelConfig):
 
     def padded_vocab_size(self) -> int:
         """Vocab rounded up to make_vocab_size_divisible_by x TP (megatron's rule)."""
-        if not self.should_pad_vocab:
-            return self.vocab_size
-        multiple = self.make_vocab_size_divisible_by * (self._get("tensor_model_parallel_size", 1) or 1)
-        return -(-self.vocab_size // multiple) * multiple
+        tp = self._get("tensor_model_parallel_size", 1) or 1
+        return padded_vocab_size(self.vocab_size, self.make_vocab_size_divisible_by, tp, pad=self.should_pad_vocab)
 
     def rotary_dim(self) -> int:
         """Channels per head that RoPE rotates: int(kv_channels x rotary_percent), as megatron computes it."""

@@ -2,42 +2,22 @@
 
 Checks look for modules with ``importlib.util.find_spec`` (no import) and ask
 torch about CUDA, so ``auto`` really picks what works here (tests replace
-only ``_has`` and ``_cuda`` to see the choice on a GPU machine). The MTP block
+only ``plugtron.availability.module_present`` and ``cuda_present`` to see
+the choice on a GPU machine). The MTP block
 copies the chosen layer spec and takes its norms and linears from the same
 backend (see :mod:`plugtron_gpt.mtp`).
 """
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Any
 
 from plugtron import Availability
-
-
-def _has(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def _gpu_module(module: str, pip_name: str) -> Availability:
-    if not _has(module):
-        return Availability.no(f"{module} is not installed (pip install {pip_name})")
-    if not _cuda():
-        return Availability.no(f"{module} is installed but CUDA is not available")
-    return Availability.yes(f"{module} and CUDA present")
+from plugtron.availability import gpu_modules
 
 
 def te_available() -> Availability:
-    return _gpu_module("transformer_engine", "transformer-engine[pytorch]")
+    return gpu_modules(("transformer_engine", "transformer-engine[pytorch]"))
 
 
 def te_full_available() -> Availability:
@@ -45,7 +25,7 @@ def te_full_available() -> Availability:
 
 
 def modelopt_available() -> Availability:
-    return _gpu_module("modelopt", "nvidia-modelopt")
+    return gpu_modules(("modelopt", "nvidia-modelopt"))
 
 
 def torch_available() -> Availability:

@@ -1,6 +1,48 @@
-"""Registration of the Mamba family.
+"""Registration of the Mamba family and its layer specs (no torch import here).
 
-The family is not registered yet: its config, builder and hybrid stack are
-still being written (see the open Mamba issue). The pure-PyTorch Mamba-2 mixer
-in :mod:`plugtron_mamba.torch_impl` is usable and tested on its own.
+``auto`` picks the available spec with the highest priority: megatron's own
+``mamba_ssm`` stack where its GPU kernels and CUDA are present, the
+pure-PyTorch ``torch`` spec everywhere else.
 """
+
+from __future__ import annotations
+
+from plugtron import FamilyInfo, LayerSpecInfo, hookimpl
+
+_SPECS = "plugtron_mamba.specs"
+
+
+@hookimpl
+def plugtron_register_families() -> list[FamilyInfo]:
+    return [
+        FamilyInfo(
+            name="mamba",
+            config_class="plugtron_mamba.config:MambaModelConfig",
+            builder_class="plugtron_mamba.builder:MambaModelBuilder",
+            description="Mamba-2 and hybrid Mamba/attention/MLP models (megatron MambaModel parameter layout)",
+        )
+    ]
+
+
+@hookimpl
+def plugtron_register_layer_specs() -> list[LayerSpecInfo]:
+    return [
+        LayerSpecInfo(
+            family="mamba",
+            name="mamba_ssm",
+            factory=f"{_SPECS}:mamba_ssm_spec",
+            check=f"{_SPECS}:mamba_ssm_available",
+            priority=300,
+            description="megatron's MambaStack with mamba_ssm/causal_conv1d kernels and transformer-engine (GPU)",
+            cpu_capable=False,
+        ),
+        LayerSpecInfo(
+            family="mamba",
+            name="torch",
+            factory=f"{_SPECS}:torch_spec",
+            check=f"{_SPECS}:torch_available",
+            priority=200,
+            description="pure-PyTorch Mamba-2 mixer with megatron-core attention/MLP modules (CPU and GPU)",
+            cpu_capable=True,
+        ),
+    ]
