@@ -27,9 +27,11 @@ def cuda_present() -> bool:
 
 def gpu_modules(*requirements: tuple[str, str]) -> Availability:
     """Available when every ``(module, pip name)`` is installed and CUDA is present."""
-    for module, pip_name in requirements:
-        if not module_present(module):
-            return Availability.no(f"{module} is not installed (pip install {pip_name})")
+    missing = [(module, pip_name) for module, pip_name in requirements if not module_present(module)]
+    if len(missing) == 1:
+        return Availability.no(f"{missing[0][0]} is not installed (pip install {missing[0][1]})")
+    if missing:
+        return Availability.no("not installed: " + ", ".join(f"{m} (pip install {p})" for m, p in missing))
     names = " and ".join(module for module, _ in requirements)
     if not cuda_present():
         verb = "is" if len(requirements) == 1 else "are"

@@ -2,14 +2,14 @@
 
 One place for the rules every family and converter needs: which global layer
 a chunk's local layer is, and which slice of a full tensor a tensor-parallel
-rank holds (plain split along ``partition_dim``; gated-linear-unit weights
-keep ``[gate_r; up_r]`` per rank).
+rank holds (plain split along ``partition_dim``; tensors made of blocks, like
+gated-linear-unit weights ``[gate; up]``, keep chunk r of every block).
 """
 
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 if TYPE_CHECKING:
     import torch
@@ -40,28 +40,72 @@ def to_global_name(local_name: str, offset: int) -> str:
     return _LAYER.sub(lambda m: f"{m.group(1)}layers.{int(m.group(2)) + offset}.", local_name, count=1)
 
 
-def tp_slice(full: "torch.Tensor", param: Any, rank: int, size: int, *, glu: bool = False) -> "torch.Tensor":
-    """The part of ``full`` that tensor-parallel ``rank`` holds for ``param``."""
+def _partition_dim(param: Any) -> int:
+    # megatron marks some TP parameters (Mamba's conv1d, A_log ...) with -1: they split along rows.
+    dim = getattr(param, "partition_dim", 0)
+    return 0 if dim is None or dim < 0 else dim
+
+
+def _row_blocks(full_size: int, glu: bool, blocks: Sequence[int] | None) -> list[int] | None:
+    if glu:
+        return [full_size // 2, full_size // 2]
+    return None if blocks is None else list(blocks)
+
+
+def slice_blocks(full: "torch.Tensor", blocks: Sequence[int], rank: int, size: int, dim: int = 0) -> "torch.Tensor":
+    """Rank ``rank``'s share of a tensor made of concatenated blocks: chunk r of every block.
+
+    Gated MLPs are blocks ``[ffn, ffn]`` (gate, up); Mamba's in_proj is
+    ``[z, x, B, C, dt]``. Each block is split evenly across ranks.
+    """
+    import torch
+
+    if sum(blocks) != full.shape[dim]:
+        raise ValueError(f"row blocks {list(blocks)} do not add up to the {full.shape[dim]} rows of the tensor")
+    uneven = [b for b in blocks if b % size]
+    if uneven:
+        raise ValueError(f"row blocks {uneven} cannot be split evenly across {size} tensor-parallel ranks")
+    return torch.cat([block.chunk(size, dim=dim)[rank] for block in full.split(list(blocks), dim=dim)], dim=dim)
+
+
+def join_blocks(parts: Sequence["torch.Tensor"], blocks: Sequence[int], dim: int = 0) -> "torch.Tensor":
+    """Inverse of :func:`slice_blocks`: the full tensor from every rank's part, in rank order."""
+    import torch
+
+    size = len(parts)
+    local = [b // size for b in blocks]
+    pieces = [part.split(local, dim=dim) for part in parts]  # [rank][block]
+    return torch.cat([torch.cat([pieces[r][k] for r in range(size)], dim=dim) for k in range(len(blocks))], dim=dim)
+
+
+def tp_slice(
+    full: "torch.Tensor", param: Any, rank: int, size: int, *, glu: bool = False, blocks: Sequence[int] | None = None
+) -> "torch.Tensor":
+    """The part of ``full`` that tensor-parallel ``rank`` holds for ``param``.
+
+    ``glu=True`` is the gated-MLP layout ``[gate; up]``; ``blocks`` gives any
+    other block layout (full-size block lengths along the partition dim).
+    """
     if size == 1 or not getattr(param, "tensor_model_parallel", False):
         return full
-    dim = getattr(param, "partition_dim", 0)
-    if glu:
-        halves = full.chunk(2, dim=dim)
-        return __import__("torch").cat([h.chunk(size, dim=dim)[rank] for h in halves], dim=dim)
-    return full.chunk(size, dim=dim)[rank]
+    dim = _partition_dim(param)
+    row_blocks = _row_blocks(full.shape[dim], glu, blocks)
+    if row_blocks is None:
+        return full.chunk(size, dim=dim)[rank]
+    return slice_blocks(full, row_blocks, rank, size, dim)
 
 
-def tp_gather(local: "torch.Tensor", param: Any, group: Any, size: int, *, glu: bool = False) -> "torch.Tensor":
-    """Inverse of :func:`tp_slice`: the full tensor from every rank's slice."""
+def tp_gather(
+    local: "torch.Tensor", param: Any, group: Any, size: int, *, glu: bool = False, blocks: Sequence[int] | None = None
+) -> "torch.Tensor":
+    """Inverse of :func:`tp_slice`: the full tensor from every rank's slice (a collective)."""
     import torch
     import torch.distributed as dist
 
     if size == 1 or not getattr(param, "tensor_model_parallel", False):
         return local
-    dim = getattr(param, "partition_dim", 0)
+    dim = _partition_dim(param)
     parts = [torch.empty_like(local) for _ in range(size)]
     dist.all_gather(parts, local.contiguous(), group=group)
-    if glu:
-        gates, ups = zip(*(p.chunk(2, dim=dim) for p in parts))
-        return torch.cat([torch.cat(gates, dim=dim), torch.cat(ups, dim=dim)], dim=dim)
-    return torch.cat(parts, dim=dim)
+    row_blocks = _row_blocks(local.shape[dim] * size, glu, blocks)
+    return torch.cat(parts, dim=dim) if row_blocks is None else join_blocks(parts, row_blocks, dim)

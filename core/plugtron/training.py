@@ -36,6 +36,26 @@ def _sync_tied_embedding_grads(chunks: list) -> None:
         dist.all_reduce(weight.grad, group=parallel_state.get_embedding_group())
 
 
+def _sync_sequence_parallel_grads(chunks: list) -> None:
+    """Sum, over the TP group, grads of parameters replicated under sequence parallelism.
+
+    With sequence parallelism each TP rank sees only its slice of the
+    sequence, so norm weights collect partial grads; megatron's
+    ``finalize_model_grads`` sums them for DDP-wrapped chunks, this does it
+    for plain ones.
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    if parallel_state.get_tensor_model_parallel_world_size() == 1:
+        return
+    group = parallel_state.get_tensor_model_parallel_group()
+    for chunk in chunks:
+        for param in chunk.parameters():
+            if getattr(param, "sequence_parallel", False) and param.grad is not None:
+                dist.all_reduce(param.grad, group=group)
+
+
 def forward_backward(built: "BuiltModel", batches: list[dict[str, Any]], *, forward_only: bool = False) -> float | None:
     """Run ``len(batches)`` micro-batches; gradients accumulate in the chunks (DDP: in main_grad)."""
     import torch
@@ -76,6 +96,7 @@ def forward_backward(built: "BuiltModel", batches: list[dict[str, Any]], *, forw
     )
     if not wrapped and not forward_only:
         _sync_tied_embedding_grads(chunks)
+        _sync_sequence_parallel_grads(chunks)
     if not results:
         return None
     return float(torch.stack([r["loss"] for r in results]).mean())

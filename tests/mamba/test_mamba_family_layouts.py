@@ -33,6 +33,7 @@ SCENARIOS = [
     {"name": "tp=2 tied", "ref": "tied", "tp": 2},
     # megatron's DDP all-reduces the grads of sequence-parallel norm weights over TP (see the report)
     {"name": "tp=2 sequence-parallel ddp", "ref": "hybrid", "tp": 2, "sp": True, "wrap": "ddp"},
+    {"name": "tp=2 sequence-parallel", "ref": "hybrid", "tp": 2, "sp": True},
     {"name": "pp=2 hybrid", "ref": "hybrid", "pp": 2},
     {"name": "pp=2 tied", "ref": "tied", "pp": 2},
     {"name": "pp=2 vp=2 hybrid", "ref": "hybrid", "pp": 2, "vp": 2},

@@ -1,6 +1,6 @@
 """Registration and layer-spec choice of the mamba family.
 
-Only the availability probes (``specs._has``, ``specs._cuda``) are faked, to
+Only the availability probes (``plugtron.availability.module_present`` / ``cuda_present``) are faked, to
 show what ``auto`` would choose on a GPU machine; nothing GPU-only is built.
 """
 
@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from plugtron import availability
 from plugtron.errors import LayerSpecError, PipelineError
 from plugtron.layer_specs import select_layer_spec
 from plugtron_mamba import specs
@@ -22,8 +23,8 @@ def pm(plugtron_manager_factory):
 
 
 def _fake(monkeypatch, present: set[str], cuda: bool) -> None:
-    monkeypatch.setattr(specs, "_has", lambda module: module in present)
-    monkeypatch.setattr(specs, "_cuda", lambda: cuda)
+    monkeypatch.setattr(availability, "module_present", lambda module: module in present)
+    monkeypatch.setattr(availability, "cuda_present", lambda: cuda)
 
 
 def test_family_and_specs_are_registered(pm):
@@ -73,7 +74,7 @@ def test_really_unavailable_here_is_reported_by_the_real_check():
     import torch
 
     result = specs.mamba_ssm_available()
-    if torch.cuda.is_available() and all(specs._has(m) for m in specs.GPU_MODULES):
+    if torch.cuda.is_available() and all(availability.module_present(m) for m in specs.GPU_MODULES):
         assert result.ok
     else:
         assert not result.ok and result.reason

@@ -178,7 +178,8 @@ class ModelConfig:
             raise ConfigError("virtual_pipeline_model_parallel_size", "needs pipeline_model_parallel_size >= 2", config=name)
         stages = pp * (vp or 1)
         layers = self._get("num_layers")
-        if layers % stages and not self._get("pipeline_model_parallel_layout"):
+        uneven_ends = self._get("num_layers_in_first_pipeline_stage") or self._get("num_layers_in_last_pipeline_stage")
+        if layers % stages and not (self._get("pipeline_model_parallel_layout") or uneven_ends):
             raise ConfigError(
                 "num_layers",
                 f"{layers} layers cannot be split evenly into pipeline_model_parallel_size x virtual stages = {stages}",

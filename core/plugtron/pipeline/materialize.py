@@ -87,7 +87,7 @@ def megatron_default_init(module: "torch.nn.Module", config: Any) -> None:
             full = f"{mod_name}.{p_name}" if mod_name else p_name
             if p_name.endswith("bias"):
                 param.zero_()
-            elif is_norm or "layer_norm_weight" in p_name:
+            elif (is_norm and param.dim() == 1) or "layer_norm_weight" in p_name:  # not TE's LN+linear weight
                 param.fill_(0.0 if zero_gamma else 1.0)
             else:
                 init = _init_for(full, config)

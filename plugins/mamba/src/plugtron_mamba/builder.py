@@ -15,12 +15,12 @@ from typing import Any
 
 import torch
 
-from plugtron.builder import ModelBuilder
+from plugtron.builder import LanguageModelBuilder
 from plugtron.errors import PipelineError
 from plugtron_mamba.specs import mixer_params
 
 
-class MambaModelBuilder(ModelBuilder):
+class MambaModelBuilder(LanguageModelBuilder):
     def _model_kwargs(self, pre_process: bool, post_process: bool, pg_collection: Any) -> dict[str, Any]:
         cfg = self.config
         return dict(
@@ -96,16 +96,3 @@ class MambaModelBuilder(ModelBuilder):
         return (MambaLayer, TransformerLayer)
 
     # -- training step -----------------------------------------------------
-    def random_batch(self, batch_size: int, seq_length: int, seed: int = 0) -> dict[str, Any]:
-        """Random tokens from the unpadded vocab, labels shifted by one, positions 0..s-1."""
-        gen = torch.Generator().manual_seed(seed)
-        tokens = torch.randint(0, self.config.vocab_size, (batch_size, seq_length + 1), generator=gen)
-        positions = torch.arange(seq_length).unsqueeze(0).expand(batch_size, -1).contiguous()
-        return {"tokens": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous(), "position_ids": positions}
-
-    def forward_step(self, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-        """Per-token loss [b, s] with labels, else logits [b, s, vocab] (megatron's model contract)."""
-        return model(
-            input_ids=batch["tokens"], position_ids=batch["position_ids"],
-            attention_mask=batch.get("attention_mask"), labels=batch.get("labels"),
-        )

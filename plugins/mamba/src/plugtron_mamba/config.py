@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from plugtron.config import ModelConfig, model_config
+from plugtron.config.base import padded_vocab_size
 from plugtron.errors import ConfigError
 
 #: Pattern characters this family builds, with what they mean.
@@ -83,10 +84,8 @@ class MambaModelConfig(ModelConfig):
     # -- derived sizes -----------------------------------------------------
     def padded_vocab_size(self) -> int:
         """Vocab rounded up to make_vocab_size_divisible_by x TP (megatron's rule, as the gpt family)."""
-        if not self.should_pad_vocab:
-            return self.vocab_size
-        multiple = self.make_vocab_size_divisible_by * (self._get("tensor_model_parallel_size", 1) or 1)
-        return -(-self.vocab_size // multiple) * multiple
+        tp = self._get("tensor_model_parallel_size", 1) or 1
+        return padded_vocab_size(self.vocab_size, self.make_vocab_size_divisible_by, tp, pad=self.should_pad_vocab)
 
     def layer_pattern(self) -> str:
         """The layer sequence as a string, one symbol per layer (megatron's allocation)."""

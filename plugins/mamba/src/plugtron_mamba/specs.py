@@ -15,42 +15,24 @@ megatron's ``MambaModel`` takes it:
   this project.
 
 Checks use ``importlib.util.find_spec`` and ``torch.cuda.is_available`` only
-(tests replace :func:`_has` and :func:`_cuda` to see the choice a GPU machine
+(tests replace ``plugtron.availability.module_present`` and ``cuda_present`` to see the choice a GPU machine
 would make).
 """
 
 from __future__ import annotations
 
 import copy
-import importlib.util
 from typing import Any
 
 from plugtron import Availability
+from plugtron.availability import gpu_modules
 
 #: Python modules the ``mamba_ssm`` spec needs, with the pip package that provides each.
 GPU_MODULES = {"mamba_ssm": "mamba-ssm", "causal_conv1d": "causal-conv1d", "transformer_engine": "transformer-engine[pytorch]"}
 
 
-def _has(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def mamba_ssm_available() -> Availability:
-    missing = [f"{module} (pip install {pip})" for module, pip in GPU_MODULES.items() if not _has(module)]
-    if missing:
-        return Availability.no("not installed: " + ", ".join(missing))
-    if not _cuda():
-        return Availability.no("mamba_ssm, causal_conv1d and transformer_engine are installed but CUDA is not available")
-    return Availability.yes("mamba_ssm, causal_conv1d, transformer_engine and CUDA present")
+    return gpu_modules(*GPU_MODULES.items())
 
 
 def torch_available() -> Availability:
