@@ -125,7 +125,7 @@ def test_decorated_impl_with_an_unknown_name_is_rejected(plugtron_manager):
     def register_families():
         return []
 
-    with pytest.raises(PluginError, match=r"^plugin 'unknown-hook' \(in-process\): unknown hook 'register_families' in plugin") as info:
+    with pytest.raises(PluginError, match=r"^plugin 'unknown-hook' \(in-process\): unknown hook 'register_families' in plugin"):
         plugtron_manager.register(plugin_namespace(register_families), name="unknown-hook")
     assert not plugtron_manager.pm.has_plugin("unknown-hook")
     assert "unknown-hook" not in plugtron_manager.records

@@ -30,13 +30,11 @@ from typing import Any, ClassVar
 
 import attrs
 
-from plugtron.config import ModelConfig, model_config
-from plugtron.config.base import padded_vocab_size
-from plugtron.errors import ConfigError
+from plugtron.config import model_config
+from plugtron.config.language import LanguageModelConfig
 
 POSITION_EMBEDDINGS = ("learned_absolute", "rope", "yarn", "mrope", "none")
 ROTARY = ("rope", "yarn", "mrope")
-NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 #: TransformerConfig switches the GPT layer specs do not build (they would be ignored silently).
 UNSUPPORTED = {
     "num_moe_experts": "the gpt family's layer specs build dense MLPs; MoE is not supported yet",
@@ -49,18 +47,14 @@ YARN_FIELDS = (
 
 
 @model_config
-class GPTModelConfig(ModelConfig):
+class GPTModelConfig(LanguageModelConfig):
     """A GPT model. TransformerConfig fields (num_layers, hidden_size,
     num_query_groups, normalization, qk_layernorm, mtp_num_layers ...) are
     set and read directly on this object."""
 
     family: ClassVar[str] = "gpt"
+    unsupported: ClassVar[dict[str, str]] = UNSUPPORTED
 
-    #: Unpadded vocabulary; the builder pads it (see :meth:`padded_vocab_size`).
-    vocab_size: int = 0
-    seq_length: int = 2048
-    make_vocab_size_divisible_by: int = 128
-    should_pad_vocab: bool = True
     position_embedding_type: str = "rope"
     rotary_percent: float = 1.0
     rotary_base: int = 10000
@@ -69,8 +63,6 @@ class GPTModelConfig(ModelConfig):
     rope_scaling_factor: float = 8.0
     #: Linear position interpolation for rope/mrope: positions are divided by it.
     seq_len_interpolation_factor: float | None = None
-    share_embeddings_and_output_weights: bool = False
-    parallel_output: bool = True
     fp16_lm_cross_entropy: bool = False
     scatter_embedding_sequence_parallel: bool = True
     # YaRN (position_embedding_type="yarn"); megatron reads these off the config.
@@ -82,11 +74,6 @@ class GPTModelConfig(ModelConfig):
     yarn_mscale_all_dim: float = 0.0
     yarn_correction_range_round_to_int: bool = True
 
-    def padded_vocab_size(self) -> int:
-        """Vocab rounded up to make_vocab_size_divisible_by x TP (megatron's rule)."""
-        tp = self._get("tensor_model_parallel_size", 1) or 1
-        return padded_vocab_size(self.vocab_size, self.make_vocab_size_divisible_by, tp, pad=self.should_pad_vocab)
-
     def rotary_dim(self) -> int:
         """Channels per head that RoPE rotates: int(kv_channels x rotary_percent), as megatron computes it."""
         kv = self._get("kv_channels") or self._get("hidden_size") // self._get("num_attention_heads")
@@ -95,8 +82,7 @@ class GPTModelConfig(ModelConfig):
     # -- validation --------------------------------------------------------
     def validate(self) -> None:
         """Each rule group raises :class:`ConfigError` naming the field it blames."""
-        self._check_sizes()
-        self._check_layers()
+        super().validate()
         self._check_position_embedding()
         self._check_unused_position_fields()
         if self.position_embedding_type in ROTARY:
@@ -107,33 +93,8 @@ class GPTModelConfig(ModelConfig):
             self._check_mrope()
         self._check_mtp()
 
-    def _fail(self, field: str, rule: str) -> None:
-        raise ConfigError(field, rule, config=type(self).__name__)
-
     def _is_default(self, name: str) -> bool:
         return getattr(self, name) == attrs.fields_dict(type(self))[name].default
-
-    def _check_sizes(self) -> None:
-        tp = self._get("tensor_model_parallel_size", 1) or 1
-        if self.vocab_size <= 0:
-            self._fail("vocab_size", "is required and must be positive")
-        if self.seq_length <= 0:
-            self._fail("seq_length", "must be positive")
-        if self.make_vocab_size_divisible_by < 1:
-            self._fail("make_vocab_size_divisible_by", "must be >= 1")
-        if not self.should_pad_vocab and self.vocab_size % tp:
-            self._fail("vocab_size", "must be divisible by tensor_model_parallel_size when should_pad_vocab is False")
-
-    def _check_layers(self) -> None:
-        normalization = self._get("normalization", "LayerNorm")
-        if normalization not in NORMALIZATIONS:
-            self._fail("normalization", f"must be one of {', '.join(NORMALIZATIONS)}, not {normalization!r}")
-        for name, why in UNSUPPORTED.items():
-            if self._get(name):
-                self._fail(name, why)
-        activation = self._get("activation_func")
-        if activation is not None and not callable(activation):
-            self._fail("activation_func", f"must be a callable (an import path like 'torch.nn.functional:silu' in files), not {activation!r}")
 
     def _check_position_embedding(self) -> None:
         kind = self.position_embedding_type

@@ -25,14 +25,13 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from plugtron.config import ModelConfig, model_config
-from plugtron.config.base import padded_vocab_size
+from plugtron.config import model_config
+from plugtron.config.language import LanguageModelConfig
 from plugtron.errors import ConfigError
 
 #: Pattern characters this family builds, with what they mean.
 LAYER_SYMBOLS = {"M": "Mamba", "*": "attention", "-": "MLP"}
 POSITION_EMBEDDINGS = ("none", "rope", "learned_absolute")
-NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 UNSUPPORTED = {
     "num_moe_experts": "the mamba family builds no MoE layers",
     "pipeline_model_parallel_layout": "megatron's Mamba stack splits layers evenly (or by first/last stage counts), not by layout",
@@ -45,19 +44,15 @@ UNSUPPORTED = {
 
 
 @model_config
-class MambaModelConfig(ModelConfig):
+class MambaModelConfig(LanguageModelConfig):
     """A Mamba-2 / hybrid model. TransformerConfig fields (num_layers,
     hidden_size, num_attention_heads, ffn_hidden_size, mamba_state_dim,
     mamba_head_dim, mamba_num_groups, mamba_num_heads ...) are set and read
     directly on this object."""
 
     family: ClassVar[str] = "mamba"
+    unsupported: ClassVar[dict[str, str]] = UNSUPPORTED
 
-    #: Unpadded vocabulary; the builder pads it (see :meth:`padded_vocab_size`).
-    vocab_size: int = 0
-    seq_length: int = 2048
-    make_vocab_size_divisible_by: int = 128
-    should_pad_vocab: bool = True
     #: One character per layer: ``M`` Mamba, ``*`` attention, ``-`` MLP. ``None``: from the ratios.
     hybrid_override_pattern: str | None = None
     hybrid_attention_ratio: float = 0.0
@@ -71,8 +66,6 @@ class MambaModelConfig(ModelConfig):
     rotary_percent: float = 1.0
     rotary_base: int = 10000
     seq_len_interpolation_factor: float | None = None
-    share_embeddings_and_output_weights: bool = False
-    parallel_output: bool = True
 
     def __init__(self, **kwargs: Any) -> None:
         # megatron scales the init of residual-writing projections by sqrt(2 x num_layers)
@@ -82,11 +75,6 @@ class MambaModelConfig(ModelConfig):
         super().__init__(**kwargs)
 
     # -- derived sizes -----------------------------------------------------
-    def padded_vocab_size(self) -> int:
-        """Vocab rounded up to make_vocab_size_divisible_by x TP (megatron's rule, as the gpt family)."""
-        tp = self._get("tensor_model_parallel_size", 1) or 1
-        return padded_vocab_size(self.vocab_size, self.make_vocab_size_divisible_by, tp, pad=self.should_pad_vocab)
-
     def layer_pattern(self) -> str:
         """The layer sequence as a string, one symbol per layer (megatron's allocation)."""
         if self.hybrid_override_pattern is not None and not self.hybrid_attention_ratio and not self.hybrid_mlp_ratio:
@@ -115,25 +103,10 @@ class MambaModelConfig(ModelConfig):
 
     # -- validation --------------------------------------------------------
     def validate(self) -> None:
-        self._check_sizes()
+        super().validate()
         self._check_pattern()
         self._check_mamba()
-        self._check_layers()
         self._check_position_embedding()
-
-    def _fail(self, field: str, rule: str) -> None:
-        raise ConfigError(field, rule, config=type(self).__name__)
-
-    def _check_sizes(self) -> None:
-        tp = self._get("tensor_model_parallel_size", 1) or 1
-        if self.vocab_size <= 0:
-            self._fail("vocab_size", "is required and must be positive")
-        if self.seq_length <= 0:
-            self._fail("seq_length", "must be positive")
-        if self.make_vocab_size_divisible_by < 1:
-            self._fail("make_vocab_size_divisible_by", "must be >= 1")
-        if not self.should_pad_vocab and self.vocab_size % tp:
-            self._fail("vocab_size", "must be divisible by tensor_model_parallel_size when should_pad_vocab is False")
 
     def _check_pattern(self) -> None:
         pattern, layers = self.hybrid_override_pattern, self._get("num_layers")
@@ -173,17 +146,6 @@ class MambaModelConfig(ModelConfig):
             self._fail("mamba_num_groups", f"the {heads} Mamba heads must be a positive multiple of mamba_num_groups={groups}")
         if heads % tp or groups % tp:
             self._fail("mamba_num_groups", f"{heads} Mamba heads and {groups} groups must both be divisible by tensor_model_parallel_size={tp}")
-
-    def _check_layers(self) -> None:
-        normalization = self._get("normalization", "LayerNorm")
-        if normalization not in NORMALIZATIONS:
-            self._fail("normalization", f"must be one of {', '.join(NORMALIZATIONS)}, not {normalization!r}")
-        for name, why in UNSUPPORTED.items():
-            if self._get(name):
-                self._fail(name, why)
-        activation = self._get("activation_func")
-        if activation is not None and not callable(activation):
-            self._fail("activation_func", f"must be a callable (an import path like 'torch.nn.functional:silu' in files), not {activation!r}")
 
     def _check_position_embedding(self) -> None:
         kind = self.position_embedding_type
