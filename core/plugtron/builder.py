@@ -115,6 +115,14 @@ class ModelBuilder(abc.ABC):
 
         return (TransformerLayer,)
 
+    def tp_row_blocks(self, name: str, param: Any) -> list[int] | None:
+        """Block layout of a tensor-parallel parameter (global ``name``), or ``None`` for a plain split.
+
+        Used wherever full tensors meet TP shards (checkpoints, conversion,
+        parity checks): see :func:`plugtron.sharding.tp_slice`.
+        """
+        return None
+
     def forward_step(self, model: "torch.nn.Module", batch: dict[str, Any]) -> Any:
         """Run one micro-batch; return the per-token loss tensor [b, s] (or logits when no labels)."""
         raise NotImplementedError(f"{type(self).__name__} does not define a training step")
@@ -130,6 +138,13 @@ class LanguageModelBuilder(ModelBuilder):
     ``model(input_ids, position_ids, attention_mask, labels)`` returns the
     per-token loss [b, s] with labels and the logits without.
     """
+
+    def tp_row_blocks(self, name: str, param: Any) -> list[int] | None:
+        """Gated MLPs keep ``[gate_r; up_r]`` per rank: two equal blocks."""
+        if self.config.gated_linear_unit and name.endswith(("mlp.linear_fc1.weight", "mlp.linear_fc1.bias")):
+            rows = self.config.ffn_hidden_size
+            return [rows, rows]
+        return None
 
     def random_batch(self, batch_size: int, seq_length: int, seed: int = 0) -> dict[str, Any]:
         """Random tokens from the unpadded vocab, labels shifted by one, positions 0..s-1."""

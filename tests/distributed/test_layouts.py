@@ -1,30 +1,19 @@
-"""Same weights, same data, different layouts: same loss and gradients.
+"""Same weights, same data, different layouts: same logits, loss and gradients.
 
-One torchrun launch (2 gloo ranks) runs every scenario, so the suite pays the
-process start-up once. The reference is a single-process run in this process.
+One torchrun launch (2 gloo ranks, :mod:`plugtron.parity`) runs every
+scenario, so the suite pays the process start-up once. The reference is a
+single-process run in this process.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-from plugtron.builder import BuildOptions
-from plugtron.config import to_dict
-from plugtron.manager import PlugtronPluginManager
-from plugtron.pipeline import build_model
-from plugtron.runtime.parallel import initialize_parallel
-from plugtron.training import forward_backward
+from plugtron import parity
 
 pytestmark = pytest.mark.multiprocess
 
-WORKER = Path(__file__).with_name("layout_worker.py")
 SCENARIOS = [
     {"name": "ddp dp=2", "ref": "untied", "wrap": "ddp"},
     {"name": "fsdp2 dp=2", "ref": "untied", "wrap": "fsdp2"},
@@ -33,13 +22,15 @@ SCENARIOS = [
     {"name": "pp=2", "ref": "untied", "pp": 2},
     {"name": "pp=2 tied", "ref": "tied", "pp": 2},
     {"name": "pp=2 vp=2 tied", "ref": "tied", "pp": 2, "vp": 2},
-    {"name": "pp=2 vp=2 batch_p2p (the gloo trap)", "ref": "untied", "pp": 2, "vp": 2, "force_batch_p2p": True},
+    {"name": "pp=2 vp=2 batch_p2p (the gloo trap)", "ref": "untied", "pp": 2, "vp": 2, "batch_p2p_comm": True},
 ]
+EXACT = [s["name"] for s in SCENARIOS if "batch_p2p_comm" not in s]
 
 
 def _config(tied: bool):
     from plugtron_gpt.config import GPTModelConfig
 
+    # vocab 128 padded to a multiple of 64: the same padded size at TP=1 and TP=2
     return GPTModelConfig(
         num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128,
         vocab_size=128, make_vocab_size_divisible_by=64, seq_length=16, normalization="RMSNorm",
@@ -49,41 +40,19 @@ def _config(tied: bool):
     )
 
 
-def _reference(tied: bool) -> dict:
-    config = _config(tied)
-    saved = to_dict(config)
-    built = build_model(config, parallel=initialize_parallel(), options=BuildOptions(), pm=PlugtronPluginManager())
-    model = built.chunks[0]
-    batches = [built.context.builder.random_batch(2, 16, seed=10 + i) for i in range(4)]
-    with torch.no_grad():
-        logits = model(input_ids=batches[0]["tokens"], position_ids=batches[0]["position_ids"], attention_mask=None)
-    loss = forward_backward(built, batches)
-    state = {n: p.detach().clone() for n, p in model.named_parameters()}
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
-    return {"config": saved, "state": state, "grads": grads, "loss": loss, "batches": batches, "logits": logits}
-
-
 @pytest.fixture(scope="module")
 def layout_results(tmp_path_factory) -> dict:
-    tmp = tmp_path_factory.mktemp("layouts")
-    torch.save({"untied": _reference(False), "tied": _reference(True)}, tmp / "ref.pt")
-    out = tmp / "results.json"
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=0",
-        str(WORKER), "--ref", str(tmp / "ref.pt"), "--scenarios", json.dumps(SCENARIOS), "--out", str(out),
-    ]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return {r["name"]: r for r in json.loads(out.read_text())}
+    references = {"untied": parity.reference(_config(False)), "tied": parity.reference(_config(True))}
+    return parity.run(references, SCENARIOS, tmp_path_factory.mktemp("layouts"))
 
 
-@pytest.mark.parametrize("name", [s["name"] for s in SCENARIOS if not s.get("force_batch_p2p")])
+@pytest.mark.parametrize("name", EXACT)
 def test_layout_matches_single_process(layout_results, name):
     result = layout_results[name]
     assert result["params_checked"] > 0
     assert result["loss"] == pytest.approx(result["ref_loss"], abs=1e-5), result
     assert result["max_grad_diff"] < 1e-5, result
-    if "pp=" not in name:  # single-stage layouts: full logits, TP shards gathered
+    if not name.startswith(("ddp", "fsdp2")):  # data-parallel runs split the batches: no full logits
         assert result["max_logits_diff"] is not None and result["max_logits_diff"] < 1e-5, result
 
 

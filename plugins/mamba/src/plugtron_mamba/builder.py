@@ -96,3 +96,9 @@ class MambaModelBuilder(LanguageModelBuilder):
         return (MambaLayer, TransformerLayer)
 
     # -- training step -----------------------------------------------------
+
+    def tp_row_blocks(self, name: str, param: Any) -> list[int] | None:
+        """The mixer's fused in_proj/conv1d split block by block (see :mod:`plugtron_mamba.tp_layout`)."""
+        from plugtron_mamba.tp_layout import row_blocks
+
+        return row_blocks(name, self.config)
