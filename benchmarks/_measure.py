@@ -1,0 +1,192 @@
+"""Timing and memory helpers shared by the benchmarks.
+
+Every measurement that touches torch runs in a fresh interpreter
+(:func:`run_isolated`), so import caches, allocator state and the peak
+resident set size belong to that one measurement alone. This module itself
+imports nothing heavy: the parent process never loads torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+MARKER = "@@BENCH-RESULT@@ "
+
+
+class BenchError(RuntimeError):
+    """A child measurement failed; carries the tail of its output."""
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of *this* process in MiB (VmHWM, else ru_maxrss)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def current_rss_mb() -> float:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux ``clear_refs`` 5); False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class Stopwatch:
+    """``with Stopwatch() as sw: ...`` then ``sw.seconds``."""
+
+    def __enter__(self) -> "Stopwatch":
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.seconds = time.perf_counter() - self._start
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("PYTHONWARNINGS", "ignore")  # megatron warns about apex/TE on every import
+    return env
+
+
+def time_command(argv: Sequence[str], repeats: int, *, env: dict[str, str] | None = None) -> list[float]:
+    """Wall time of ``argv`` run ``repeats`` times, each a new process (output discarded)."""
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        done = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env or child_env(), cwd=REPO)
+        samples.append(time.perf_counter() - start)
+        if done.returncode != 0:
+            raise BenchError(f"{' '.join(argv)} exited {done.returncode}: {done.stderr.decode()[-2000:]}")
+    return samples
+
+
+_forkserver: Any = None
+
+
+def call(target: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    module_name, function_name = target.split(":")
+    return getattr(importlib.import_module(module_name), function_name)(**kwargs)
+
+
+def _forked_main(conn: Any, target: str, kwargs: dict[str, Any]) -> None:
+    warnings.simplefilter("ignore")
+    devnull = os.open(os.devnull, os.O_WRONLY)  # keep the workers' own prints out of the table
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    try:
+        result = call(target, kwargs)
+        result.setdefault("peak_rss_mb", peak_rss_mb())
+        conn.send(("ok", result))
+    except BaseException:  # noqa: BLE001 - reported to the parent
+        conn.send(("error", traceback.format_exc()))
+    finally:
+        conn.close()
+
+
+def run_forked(target: str, timeout: float = 600.0, **kwargs: Any) -> dict[str, Any]:
+    """Run ``module:function(**kwargs)`` in a new process forked from a preloaded server.
+
+    A fresh process per measurement, as :func:`run_isolated`, minus the ~5 s
+    of importing torch and megatron-core each time: multiprocessing's
+    forkserver imports the build path once and forks every child from that.
+    Timings never include imports anyway. Not for peak-RSS targets: a forked
+    child shares (and may not count) pages mapped before the fork.
+    """
+    global _forkserver
+    import multiprocessing
+
+    if _forkserver is None:
+        import _models
+
+        os.environ.setdefault("PYTHONWARNINGS", "ignore")
+        _forkserver = multiprocessing.get_context("forkserver")
+        # what every measurement imports (torch, megatron-core, plugtron), loaded once
+        _forkserver.set_forkserver_preload(["_models", *_models.BUILD_MODULES, *_models.PLUGTRON_MODULES])
+    parent, child = _forkserver.Pipe(duplex=False)
+    process = _forkserver.Process(target=_forked_main, args=(child, target, kwargs), daemon=True)
+    process.start()
+    child.close()
+    try:
+        if not parent.poll(timeout):
+            process.kill()
+            raise BenchError(f"{target} timed out after {timeout:.0f} s")
+        status, payload = parent.recv()
+    except EOFError:
+        status, payload = "error", "the process died"
+    finally:
+        process.join()
+    if status != "ok" and process.exitcode:
+        payload += f" (exit code {process.exitcode})"
+    if status != "ok":
+        raise BenchError(f"{target}({kwargs}) failed:\n{payload[-3000:]}")
+    return payload
+
+
+def run_isolated(target: str, timeout: float = 600.0, **kwargs: Any) -> dict[str, Any]:
+    """Run ``module:function(**kwargs)`` in a fresh interpreter and return its dict.
+
+    The child (``_child.py``) adds ``peak_rss_mb`` (whole process) to the result.
+    """
+    argv = [sys.executable, str(HERE / "_child.py"), target, json.dumps(kwargs)]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, env=child_env(), cwd=REPO, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        raise BenchError(f"{target} timed out after {timeout:.0f} s") from exc
+    for line in reversed(done.stdout.splitlines()):
+        if line.startswith(MARKER):
+            return json.loads(line[len(MARKER):])
+    tail = (done.stdout + done.stderr)[-3000:]
+    raise BenchError(f"{target}({kwargs}) exited {done.returncode} without a result:\n{tail}")
+
+
+def alternate(
+    targets: Sequence[tuple[str, str]], repeats: int, *, forked: bool = False, **kwargs: Any
+) -> dict[str, list[dict[str, Any]]]:
+    """Run each ``(label, target)`` ``repeats`` times, interleaved (A B, B A, A B ...).
+
+    Interleaving spreads slow drifts of a shared machine over both sides
+    instead of charging them to whichever ran second; flipping the order
+    each round keeps either side from always following the other.
+    """
+    run = run_forked if forked else run_isolated
+    results: dict[str, list[dict[str, Any]]] = {label: [] for label, _ in targets}
+    for round_ in range(repeats):
+        for label, target in targets if round_ % 2 == 0 else list(reversed(targets)):
+            results[label].append(run(target, **kwargs))
+    return results
