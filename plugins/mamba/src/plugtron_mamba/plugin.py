@@ -3,13 +3,17 @@
 ``auto`` picks the available spec with the highest priority: megatron's own
 ``mamba_ssm`` stack where its GPU kernels and CUDA are present, the
 pure-PyTorch ``torch`` spec everywhere else.
+
+The HF converters (``Mamba2ForCausalLM``, ``NemotronHForCausalLM``) are named by
+import path; their module loads only when the HF bridge converts one of them.
 """
 
 from __future__ import annotations
 
-from plugtron import FamilyInfo, LayerSpecInfo, hookimpl
+from plugtron import ConverterInfo, FamilyInfo, LayerSpecInfo, hookimpl
 
 _SPECS = "plugtron_mamba.specs"
+_HF_ADAPTERS = "plugtron_mamba.hf.adapters"
 
 
 @hookimpl
@@ -44,5 +48,25 @@ def plugtron_register_layer_specs() -> list[LayerSpecInfo]:
             priority=200,
             description="pure-PyTorch Mamba-2 mixer with megatron-core attention/MLP modules (CPU and GPU)",
             cpu_capable=True,
+        ),
+    ]
+
+
+@hookimpl
+def plugtron_register_converters() -> list[ConverterInfo]:
+    return [
+        ConverterInfo(
+            source_format="hf",
+            architecture="Mamba2ForCausalLM",
+            family="mamba",
+            adapter=f"{_HF_ADAPTERS}:MAMBA2",
+            description="Mamba-2 (transformers Mamba2ForCausalLM)",
+        ),
+        ConverterInfo(
+            source_format="hf",
+            architecture="NemotronHForCausalLM",
+            family="mamba",
+            adapter=f"{_HF_ADAPTERS}:NEMOTRON_H",
+            description="Nemotron-H hybrid Mamba-2 / attention / relu2-MLP (no MoE, no MTP)",
         ),
     ]

@@ -1,0 +1,270 @@
+"""plugtron's pure-PyTorch Mamba-2 mixer against transformers' own pure-PyTorch Mamba-2 path.
+
+    .venv/bin/python benchmarks/bench_mamba.py            # L = 512 and 2048 (~1.5-2 min on 2 CPU cores)
+    .venv/bin/python benchmarks/bench_mamba.py --quick    # L = 512 only (~30-40 s)
+
+Both sides are one Mamba-2 mixer of a realistic size - hidden 512, expand 2
+(1024 channels, 16 heads of 64), state 64, 1 B/C group (Mamba-2 checkpoints'
+choice), conv kernel 4, chunk 128, batch 1, float32 on CPU - with the *same*
+weights: transformers' ``Mamba2Mixer`` is built and initialised by
+transformers, and its tensors are copied by name into
+``plugtron_mamba.torch_impl.TorchMambaMixer`` (same names and row layouts).
+transformers has no CUDA kernels here, so it runs its reference PyTorch scan
+(``mamba2_chunk_scan``), the path it uses on every machine without
+``mamba_ssm``.
+
+How it measures, and why:
+
+* **Speed**: one fresh interpreter builds both mixers and alternates them step
+  by step (P R, R P, ...). The machine is shared (other jobs' load comes in
+  bursts; wall-clock throughput of the same code was seen to vary 10x within
+  minutes), so a step is timed in *CPU time of one thread*
+  (``torch.set_num_threads(1)``, ``time.process_time``): the work the step
+  costs, not how much of the machine it got. Throughput is tokens / the
+  fastest timed step; every step's CPU and wall time is kept in ``raw``.
+  Forward is ``torch.no_grad`` in eval mode; forward+backward is train mode,
+  ``out.square().mean().backward()``. Target: plugtron >= 2x the reference.
+* **Same outputs**: in that process, the two forward outputs (and the
+  input-gradient of fwd+bwd) are compared; the max abs difference is reported
+  next to the output scale. Target: <= 1e-4 (float32).
+* **Peak memory**: each side runs one forward+backward step in a fresh
+  interpreter of its own, per sequence length. After imports and construction
+  the process's peak RSS (``VmHWM``) is reset to the current RSS
+  (``/proc/self/clear_refs``), so the number is what the step itself added;
+  without that reset (non-Linux) it is ``ru_maxrss`` growth, imports excluded
+  the same way. Information only: no target.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve()
+SHAPE = {"hidden": 512, "expand": 2, "head_dim": 64, "state": 64, "groups": 1, "conv": 4, "chunk": 128, "batch": 1}
+MARKER = "@@MAMBA-BENCH@@ "
+SPEED_TARGET = 2.0
+DIFF_TARGET = 1e-4
+
+
+# -- inside a child interpreter ------------------------------------------------------------------------
+def _reference_mixer(seed: int = 0) -> Any:
+    import torch
+    import transformers
+
+    s = SHAPE
+    heads = s["hidden"] * s["expand"] // s["head_dim"]
+    cfg = transformers.Mamba2Config(hidden_size=s["hidden"], expand=s["expand"], num_heads=heads, head_dim=s["head_dim"],
+                                    state_size=s["state"], n_groups=s["groups"], conv_kernel=s["conv"],
+                                    chunk_size=s["chunk"], num_hidden_layers=1, vocab_size=16)
+    torch.manual_seed(seed)
+    model = transformers.Mamba2Model(cfg)  # transformers' own initialisation of the mixer
+    return model.layers[0].mixer
+
+
+def _plugtron_mixer(reference: Any = None) -> Any:
+    """``TorchMambaMixer`` with the reference's tensors, or its own init without one
+    (the memory child: values do not change memory). Needs megatron's one-rank parallel state."""
+    import torch
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer import TransformerConfig
+
+    from plugtron.runtime.parallel import initialize_parallel
+    from plugtron_mamba.torch_impl import TorchMambaMixer, TorchMambaMixerSubmodules
+
+    initialize_parallel(1, 1)
+    s = SHAPE
+    config = TransformerConfig(num_layers=1, hidden_size=s["hidden"], num_attention_heads=8, use_cpu_initialization=True,
+                               mamba_state_dim=s["state"], mamba_head_dim=s["head_dim"], mamba_num_groups=s["groups"])
+    mixer = TorchMambaMixer(config, TorchMambaMixerSubmodules(in_proj=ColumnParallelLinear, out_proj=RowParallelLinear),
+                            d_model=s["hidden"], d_conv=s["conv"], expand=s["expand"], chunk_size=s["chunk"], layer_number=1)
+    if reference is None:
+        return mixer
+    source = dict(reference.named_parameters())
+    ours = dict(mixer.named_parameters())
+    if sorted(source) != sorted(ours):
+        raise RuntimeError(f"parameter names differ: {sorted(set(source) ^ set(ours))}")
+    with torch.no_grad():
+        for name, param in ours.items():
+            param.copy_(source[name].reshape(param.shape))
+    return mixer
+
+
+def _runner(side: str, mixer: Any, train: bool) -> Any:
+    """``run(x [b, s, h]) -> y [b, s, h]``: plugtron's mixer is sequence-first, as megatron's."""
+    import torch
+
+    mixer.train(train)
+
+    def run(x: Any) -> Any:
+        with torch.set_grad_enabled(train):
+            if side == "plugtron":
+                out, _ = mixer(x.transpose(0, 1))
+                y = out.transpose(0, 1)
+            else:
+                y = mixer(x)
+            if train:
+                y.square().mean().backward()
+        return y
+
+    return run
+
+
+def _inputs(seq: int, train: bool) -> Any:
+    import torch
+
+    x = torch.randn(SHAPE["batch"], seq, SHAPE["hidden"], generator=torch.Generator().manual_seed(seq))
+    return x.requires_grad_(train)
+
+
+def child_speed(seqs: list[int], steps: dict[str, int], warmup: int) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(1)  # CPU time of one thread: what the step costs, whatever else runs
+    reference = _reference_mixer()
+    sides = {"reference": reference, "plugtron": _plugtron_mixer(reference)}
+    out: dict[str, Any] = {"threads": torch.get_num_threads()}
+    for seq in seqs:
+        for mode, train in (("fwd", False), ("fwd+bwd", True)):
+            runs = {side: _runner(side, m, train) for side, m in sides.items()}
+            results, grads = {}, {}
+            for side, run in runs.items():  # correctness on identical inputs
+                x = _inputs(seq, train)
+                results[side] = run(x).detach()
+                grads[side] = x.grad
+                for param in sides[side].parameters():
+                    param.grad = None
+            times: dict[str, list[float]] = {"plugtron": [], "reference": []}
+            walls: dict[str, list[float]] = {"plugtron": [], "reference": []}
+            for step in range(warmup + steps[str(seq)]):
+                order = ["plugtron", "reference"] if step % 2 == 0 else ["reference", "plugtron"]
+                for side in order:
+                    x = _inputs(seq, train)
+                    start, wall = time.process_time(), time.perf_counter()
+                    runs[side](x)
+                    elapsed, wall = time.process_time() - start, time.perf_counter() - wall
+                    for param in sides[side].parameters():
+                        param.grad = None
+                    if step >= warmup:
+                        times[side].append(elapsed)
+                        walls[side].append(wall)
+            diff = (results["plugtron"] - results["reference"]).abs().max().item()
+            if train:
+                diff = max(diff, (grads["plugtron"] - grads["reference"]).abs().max().item())
+            out[f"{mode}@{seq}"] = {"times": times, "walls": walls, "max_abs_diff": diff,
+                                    "scale": results["reference"].abs().max().item()}
+    return out
+
+
+def _rss_mb(field: str) -> float:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def child_memory(side: str, seq: int) -> dict[str, Any]:
+    """Peak RSS added by one forward+backward step (see the module docstring)."""
+    mixer = _plugtron_mixer() if side == "plugtron" else _reference_mixer()
+    run = _runner(side, mixer, True)
+    x = _inputs(seq, True)
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")  # VmHWM := VmRSS
+        base, how = _rss_mb("VmRSS"), "VmHWM after clear_refs"
+    except OSError:
+        base, how = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "ru_maxrss growth"
+    run(x)
+    peak = _rss_mb("VmHWM") if how.startswith("VmHWM") else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"peak_delta_mb": peak - base, "how": how}
+
+
+# -- orchestration (no torch in this process) ----------------------------------------------------------
+def _child(function: str, **kwargs: Any) -> dict[str, Any]:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, str(HERE), "--child", function, json.dumps(kwargs)],
+                          capture_output=True, text=True, timeout=600, env=env)
+    line = next((l for l in proc.stdout.splitlines() if l.startswith(MARKER)), None)
+    if proc.returncode or line is None:
+        raise RuntimeError(f"{function} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
+    return json.loads(line[len(MARKER):])
+
+
+def _memory(seqs: list[int]) -> dict[tuple[str, int], dict[str, Any]]:
+    """Fresh interpreters, two at a time (memory numbers do not depend on contention)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = [(side, seq) for seq in seqs for side in ("plugtron", "reference")]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(lambda job: _child("child_memory", side=job[0], seq=job[1]), jobs))
+    return dict(zip(jobs, results))
+
+
+def run(quick: bool) -> list[dict[str, Any]]:
+    """Measure; one row per benchmark: {benchmark, plugtron, reference, ratio, target, ok} (ok None: no target)."""
+    seqs = [512] if quick else [512, 2048]
+    steps = {"512": 6 if quick else 8, "2048": 4}
+    speed = _child("child_speed", seqs=seqs, steps=steps, warmup=1)
+    memory = _memory(seqs)
+    rows: list[dict[str, Any]] = []
+    tokens = {seq: SHAPE["batch"] * seq for seq in seqs}
+    for seq in seqs:
+        for mode in ("fwd", "fwd+bwd"):
+            r = speed[f"{mode}@{seq}"]
+            ours, ref = (tokens[seq] / min(r["times"][side]) for side in ("plugtron", "reference"))
+            rows.append({"benchmark": f"Mamba-2 mixer {mode} tokens per CPU-s, 1 thread, L={seq} (best of {len(r['times']['plugtron'])})",
+                         "plugtron": f"{ours:,.0f}", "reference": f"{ref:,.0f}", "ratio": f"{ours / ref:.2f}x",
+                         "target": f">= {SPEED_TARGET:.0f}x", "ok": ours / ref >= SPEED_TARGET,
+                         "raw": {"cpu_s": r["times"], "wall_s": r["walls"]}})
+        diffs = [speed[f"{mode}@{seq}"] for mode in ("fwd", "fwd+bwd")]
+        worst = max(d["max_abs_diff"] for d in diffs)
+        rows.append({"benchmark": f"same outputs, L={seq}: max abs diff of y and dL/dx",
+                     "plugtron": f"{worst:.2e}", "reference": f"output scale {diffs[0]['scale']:.3g}", "ratio": "",
+                     "target": f"<= {DIFF_TARGET:g}", "ok": worst <= DIFF_TARGET})
+        mine, theirs = memory[("plugtron", seq)], memory[("reference", seq)]
+        rows.append({"benchmark": f"fwd+bwd peak RSS added by the step, L={seq} ({mine['how']})",
+                     "plugtron": f"{mine['peak_delta_mb']:.0f} MB", "reference": f"{theirs['peak_delta_mb']:.0f} MB",
+                     "ratio": f"{mine['peak_delta_mb'] / max(theirs['peak_delta_mb'], 1e-9):.2f}x",
+                     "target": "none (information)", "ok": None})
+    return rows
+
+
+def _print(rows: list[dict[str, Any]]) -> None:
+    mark = {True: "✓", False: "✗", None: "–"}
+    cols = ["benchmark", "plugtron", "reference", "ratio", "target", "ok"]
+    table = [cols] + [[str(r[c]) if c != "ok" else mark[r["ok"]] for c in cols] for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(cols))]
+    for i, line in enumerate(table):
+        print(" | ".join(cell.ljust(w) for cell, w in zip(line, widths)))
+        if i == 0:
+            print("-+-".join("-" * w for w in widths))
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["--child"]:
+        import warnings
+
+        warnings.simplefilter("ignore")
+        sys.path.insert(0, str(HERE.parent))
+        result = globals()[argv[1]](**json.loads(argv[2]))
+        print(MARKER + json.dumps(result), flush=True)
+        return 0
+    started = time.perf_counter()
+    rows = run(quick="--quick" in argv)
+    _print(rows)
+    print(f"({SHAPE}, float32, CPU; {time.perf_counter() - started:.0f} s)")
+    return 0 if all(r["ok"] is not False for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,161 @@
+"""Tensor tables: HF tensor names <-> megatron MambaModel parameter names.
+
+Both transformers models wrap every layer as ``backbone.layers.{i}`` = a
+pre-norm (``norm.weight``) plus a ``mixer`` (NemotronH keeps the ``backbone.``
+prefix in its files; transformers renames it to ``model.`` in memory only).
+megatron's Mamba stack fuses that norm into the layer's first projection, so
+the norm weight lands on a different module per layer kind:
+
+======  ===========================================  ==============================================
+layer   HF (``backbone.layers.{i}.``)                megatron (``decoder.layers.{i}.``)
+======  ===========================================  ==============================================
+``M``   ``norm.weight``                              ``mixer.in_proj.layer_norm_weight``
+``M``   ``mixer.{in_proj.weight, conv1d.weight,      same names under ``mixer.`` (same layouts:
+        conv1d.bias, dt_bias, A_log, D,              in_proj rows ``[z|x|B|C|dt]``, conv1d
+        norm.weight, out_proj.weight}``              ``[x|B|C]``, one D per head)
+``*``   ``norm.weight``                              ``self_attention.linear_qkv.layer_norm_weight``
+``*``   ``mixer.{q,k,v}_proj.weight``                ``self_attention.linear_qkv.weight`` (per query group)
+``*``   ``mixer.o_proj.weight``                      ``self_attention.linear_proj.weight``
+``-``   ``norm.weight``                              ``mlp.linear_fc1.layer_norm_weight``
+``-``   ``mixer.up_proj.weight``                     ``mlp.linear_fc1.weight``
+``-``   ``mixer.down_proj.weight``                   ``mlp.linear_fc2.weight``
+======  ===========================================  ==============================================
+
+plus ``backbone.embeddings.weight`` / ``backbone.norm_f.weight`` / ``lm_head.weight``
+-> ``embedding.word_embeddings.weight`` / ``decoder.final_norm.weight`` /
+``output_layer.weight`` (vocabulary rows zero-padded to megatron's size).
+
+Every transform checks shapes and names the tensor on mismatch, so a config
+that does not fit the checkpoint fails loudly instead of scrambling rows.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+#: (HF names, megatron name, kind, HF shapes in symbols of :func:`_symbols`)
+Rule = tuple[tuple[str, ...], str, str, tuple[tuple[str, ...], ...]]
+
+_MIXER = (("in_proj.weight", ("P", "H")), ("conv1d.weight", ("C", "1", "K")), ("conv1d.bias", ("C",)),
+          ("dt_bias", ("NH",)), ("A_log", ("NH",)), ("D", ("NH",)), ("norm.weight", ("I",)),
+          ("out_proj.weight", ("H", "I")))
+
+
+def _symbols(config: Any) -> dict[str, int]:
+    sizes = config.mamba_sizes()
+    heads = config.num_attention_heads
+    groups = config.num_query_groups or heads
+    d = config.kv_channels or config.hidden_size // heads
+    gn = sizes["groups"] * sizes["state"]
+    return {"H": config.hidden_size, "V": config.vocab_size, "Vp": config.padded_vocab_size(), "1": 1,
+            "I": sizes["inner"], "NH": sizes["heads"], "C": sizes["inner"] + 2 * gn,
+            "P": 2 * sizes["inner"] + 2 * gn + sizes["heads"], "K": config.mamba_conv_kernel,
+            "G": groups, "D": d, "Q": heads * d, "KV": groups * d, "F": config.ffn_hidden_size or 4 * config.hidden_size}
+
+
+def _layer_rules(i: int, kind: str) -> list[Rule]:
+    hf, meg = f"backbone.layers.{i}.", f"decoder.layers.{i}."
+    if kind == "M":
+        rules: list[Rule] = [((hf + "norm.weight",), meg + "mixer.in_proj.layer_norm_weight", "copy", (("H",),))]
+        return rules + [((f"{hf}mixer.{name}",), f"{meg}mixer.{name}", "copy", (shape,)) for name, shape in _MIXER]
+    if kind == "*":
+        qkv = tuple(f"{hf}mixer.{p}_proj.weight" for p in "qkv")
+        return [((hf + "norm.weight",), meg + "self_attention.linear_qkv.layer_norm_weight", "copy", (("H",),)),
+                (qkv, meg + "self_attention.linear_qkv.weight", "qkv", (("Q", "H"), ("KV", "H"), ("KV", "H"))),
+                ((hf + "mixer.o_proj.weight",), meg + "self_attention.linear_proj.weight", "copy", (("H", "Q"),))]
+    if kind == "-":
+        return [((hf + "norm.weight",), meg + "mlp.linear_fc1.layer_norm_weight", "copy", (("H",),)),
+                ((hf + "mixer.up_proj.weight",), meg + "mlp.linear_fc1.weight", "copy", (("F", "H"),)),
+                ((hf + "mixer.down_proj.weight",), meg + "mlp.linear_fc2.weight", "copy", (("H", "F"),))]
+    raise AssertionError(f"layer symbol {kind!r} has no tensor table")
+
+
+def rules_for(config: Any) -> list[Rule]:
+    """Global tensors first, then layer by layer (sequential reads of layer-ordered files)."""
+    rules: list[Rule] = [
+        (("backbone.embeddings.weight",), "embedding.word_embeddings.weight", "vocab", (("V", "H"),)),
+        (("backbone.norm_f.weight",), "decoder.final_norm.weight", "copy", (("H",),)),
+    ]
+    if not config.share_embeddings_and_output_weights:
+        rules.append((("lm_head.weight",), "output_layer.weight", "vocab", (("V", "H"),)))
+    for i, kind in enumerate(config.layer_pattern()):
+        rules += _layer_rules(i, kind)
+    return rules
+
+
+def refuse_split_mixers(config: Any) -> None:
+    """The bridge cuts tensor-parallel shards as plain row ranges; Mamba's fused tensors need block-wise cuts.
+
+    ``in_proj`` is ``[z|x|B|C|dt]`` and ``conv1d`` ``[x|B|C]``: rank r holds chunk r
+    of *every* block (:mod:`plugtron_mamba.tp_layout`). The bridge's importer and
+    exporter do not consult ``MambaModelBuilder.tp_row_blocks``, so at TP > 1 they
+    would silently scramble those rows; refuse until they do.
+    """
+    tp = config.transformer_kwargs.get("tensor_model_parallel_size") or 1
+    if tp > 1 and "M" in config.layer_pattern():
+        raise _bridge().errors.ConversionError(
+            f"tensor_model_parallel_size={tp}: the HF bridge splits tensors into plain row ranges, but Mamba's "
+            "in_proj/conv1d are split block by block, which the bridge does not do yet; convert at --tp 1")
+
+
+def _bridge() -> Any:
+    import plugtron_hf_bridge.errors
+    import plugtron_hf_bridge.mappings
+    import plugtron_hf_bridge.pieces
+
+    return plugtron_hf_bridge
+
+
+def _transforms(kind: str, s: dict[str, int], name: str) -> tuple[Callable, Callable]:
+    m = _bridge().mappings
+    if kind == "copy":
+        return (lambda ts: ts[0]), (lambda t: [t])
+    if kind == "vocab":
+        return (lambda ts: m.pad_vocab(ts[0], s["Vp"])), (lambda t: [m.unpad_vocab(t, s["V"])])
+    if kind == "qkv":
+        return ((lambda ts: m.pack_qkv(*ts, s["G"], s["D"], name)),
+                (lambda t: list(m.unpack_qkv(t, s["G"], s["D"], name))))
+    raise AssertionError(f"unknown mapping kind {kind!r}")
+
+
+def _mapping(rule: Rule, s: dict[str, int]) -> Any:
+    import torch
+
+    bridge = _bridge()
+    hf_names, meg_name, kind, symbolic = rule
+    hf_shapes = tuple(tuple(s[x] for x in shape) for shape in symbolic)
+    fwd, bwd = _transforms(kind, s, meg_name)
+    meg_shape = tuple(fwd([torch.empty(shape, device="meta") for shape in hf_shapes]).shape)
+
+    def check(name: str, t: Any, shape: tuple[int, ...]) -> None:
+        if tuple(t.shape) != shape:
+            raise bridge.errors.MappingError(name, f"has shape {tuple(t.shape)}, the config implies {shape}")
+
+    def to_megatron(ts: list[Any]) -> Any:
+        if len(ts) != len(hf_names):
+            raise bridge.errors.MappingError(meg_name, f"needs {len(hf_names)} HF tensors {hf_names}, got {len(ts)}")
+        for name, t, shape in zip(hf_names, ts, hf_shapes):
+            check(name, t, shape)
+        return fwd(list(ts))
+
+    def to_hf(t: Any) -> list[Any]:
+        check(meg_name, t, meg_shape)
+        return bwd(t)
+
+    pieces = bridge.pieces.pieces_for(kind, hf_names, hf_shapes, s)
+    return bridge.mappings.TensorMapping(hf_names, meg_name, to_megatron, to_hf, hf_shapes, meg_shape, pieces)
+
+
+def tensor_mappings(config: Any) -> list[Any]:
+    """Every megatron tensor of the model and the HF tensors it is made from (``TensorMapping`` objects)."""
+    refuse_split_mixers(config)
+    s = _symbols(config)
+    if s["Vp"] < s["V"]:
+        raise _bridge().errors.MappingError("word_embeddings", f"padded vocab {s['Vp']} is smaller than vocab {s['V']}")
+    out = [_mapping(rule, s) for rule in rules_for(config)]
+    seen: set[str] = set()
+    for name in [n for m in out for n in m.hf_names] + [m.megatron_name for m in out]:
+        if name in seen:
+            raise AssertionError(f"tensor table uses '{name}' twice")
+        seen.add(name)
+    return out
