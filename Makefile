@@ -1,5 +1,6 @@
 # Two commands do all set-up on a fresh machine:
-#   make demo   - create .venv, install everything, run the main job on a built-in default
+#   make demo   - create .venv, install everything, run the main job on a built-in default:
+#                 a random HF Llama from a shipped config -> megatron at TP=2 -> parity -> HF again
 #   make test   - create .venv, install everything, run the whole test suite
 PYTHON ?= python3
 VENV := .venv
@@ -21,7 +22,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/plugtron plugins
-	$(BIN)/plugtron build examples/configs/default.yaml --tp 2 --step
+	$(BIN)/plugtron hf-demo --workdir out/hf-demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider

@@ -187,6 +187,21 @@ def row_train(p: dict[str, Any]) -> tuple[list[list[str]], dict[str, Any]]:
     ]], r
 
 
+def rows_from(module_name: str, quick: bool) -> tuple[list[list[str]], dict[str, Any]]:
+    """Rows of a family benchmark module whose ``run(quick)`` returns dict rows (bench_mamba, bench_hf)."""
+    import importlib
+
+    try:
+        module = importlib.import_module(module_name)
+        results = module.run(quick)
+    except Exception as exc:  # noqa: BLE001 - a broken benchmark is a failed row, not a lost run
+        raise BenchError(f"{module_name}: {type(exc).__name__}: {exc}") from exc
+    mark = {True: OK, False: FAIL, None: INFO}
+    rows = [[r["benchmark"], str(r["plugtron"]), str(r["reference"]), str(r["ratio"]), str(r["target"]), mark[r["ok"]]]
+            for r in results]
+    return rows, {"rows": [{k: v for k, v in r.items() if k != "raw"} for r in results]}
+
+
 def _guard(name: str, function: Callable[[], tuple[list[list[str]], dict[str, Any]]]) -> tuple[list[list[str]], Any]:
     """A failing benchmark becomes a ✗ row with its error, not a lost run."""
     try:
@@ -225,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
          if "plugtron_s" in raw.get("2. overhead", {}) else ([], {})),
         ("4. eager", lambda: row_eager(p)),
         ("5. train", lambda: row_train(p)),
+        ("6. mamba mixer", lambda: rows_from("bench_mamba", args.quick)),
+        ("7. hf conversion", lambda: rows_from("bench_hf", args.quick)),
     ]
     for name, function in steps:
         with console.status(f"running {name} ..."):

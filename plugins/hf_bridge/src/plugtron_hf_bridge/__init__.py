@@ -1,13 +1,20 @@
 """plugtron_hf_bridge: convert Hugging Face checkpoints to and from megatron-core GPT models.
 
-The package root imports nothing on purpose: plugin discovery may import it
-just to read metadata, and that must not pull in torch or transformers.
+The package root imports nothing on purpose: plugin discovery imports
+``plugtron_hf_bridge.plugin``, and that must not pull in torch or transformers.
 Import the submodules you need:
 
-- ``plugtron_hf_bridge.errors``: the exception types.
-- ``plugtron_hf_bridge.safetensors_io``: safe, lazy checkpoint reading and sharded writing.
-- ``plugtron_hf_bridge.hf_config``: HF ``config.json`` <-> megatron config fields.
-- ``plugtron_hf_bridge.rope``: the RoPE part of that translation (llama-3, linear, YaRN).
-- ``plugtron_hf_bridge.mappings``: tensor name/layout tables and the pure repacking functions.
-- ``plugtron_hf_bridge.activations``: activation functions referenced by import path.
+- ``plugin``: converter records for the five built-in architectures and the commands.
+- ``adapter``: the :class:`~plugtron_hf_bridge.adapter.HFAdapter` protocol a third party
+  implements to add an architecture, and the built-in GPT adapters.
+- ``importer`` / ``exporter``: HF safetensors -> megatron model (each rank reads its own
+  slices) and back (gathered tensor by tensor, written atomically).
+- ``checkpoint``: megatron-core distributed checkpoints, loadable at another TP/PP layout.
+- ``verify``: logit parity against transformers.
+- ``cli`` / ``demo``: ``plugtron convert``, ``plugtron verify``, ``plugtron hf-demo``.
+- ``errors``: the exception types (all :class:`plugtron.PlugtronError`).
+- ``safetensors_io`` / ``region_io``: safe checkpoint reading, region reads, sharded writing.
+- ``hf_config`` / ``rope``: HF ``config.json`` <-> megatron config fields.
+- ``mappings`` / ``pieces``: tensor name/layout tables, repacking, per-shard row layouts.
+- ``activations``: activation functions referenced by import path.
 """

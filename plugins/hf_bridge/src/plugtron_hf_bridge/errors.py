@@ -3,16 +3,19 @@
 Every error carries the *culprit* (a file, a tensor name or a config field) both
 as an attribute and inside its message, because conversions run unattended on
 multi-gigabyte checkpoints and "shape mismatch" without a name is useless in a
-log.  The classes are deliberately independent of the plugtron core package so
-that the bridge can be imported (and unit tested) on its own.
+log.  :class:`ConversionError` subclasses :class:`plugtron.errors.PlugtronError`
+so the ``plugtron`` command line reports every bridge error as one line with
+exit code 2; ``plugtron.errors`` is import-light (no torch), so this costs nothing.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from plugtron.errors import PlugtronError
 
-class ConversionError(Exception):
+
+class ConversionError(PlugtronError):
     """Base class of every error the bridge raises on purpose."""
 
 
@@ -69,3 +72,22 @@ class UnsupportedConfigError(ConversionError):
         self.source = source
         where = f" in {source}" if source else ""
         super().__init__(f"config field '{field}'{where}: {problem}")
+
+
+class TensorSetError(MappingError):
+    """Tensors are missing, left unused or mis-shaped; *all* of them are named at once.
+
+    Raised before any weight is written, so fixing a checkpoint takes one run,
+    not one run per bad tensor.  ``names`` holds every culprit.
+    """
+
+    def __init__(self, problem: str, names: list[str], *, limit: int = 30) -> None:
+        self.names = list(names)
+        shown = ", ".join(self.names[:limit])
+        if len(self.names) > limit:
+            shown += f" ... and {len(self.names) - limit} more"
+        super().__init__(self.names[0] if self.names else "?", f"{problem} ({len(self.names)}): {shown}")
+        self.args = (f"{problem} ({len(self.names)}): {shown}",)
+
+    def __str__(self) -> str:
+        return self.args[0]

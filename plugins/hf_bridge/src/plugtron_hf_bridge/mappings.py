@@ -19,6 +19,7 @@ Layout facts encoded here:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -26,6 +27,7 @@ import torch
 
 from .errors import MappingError
 from .hf_config import GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, SUPPORTED_ARCHITECTURES
+from .pieces import Piece, pieces_for
 
 Tensor = torch.Tensor
 
@@ -191,6 +193,9 @@ class TensorMapping:
     to_hf: Callable[[Tensor], list[Tensor]]
     hf_shapes: tuple[tuple[int, ...], ...]
     megatron_shape: tuple[int, ...]
+    #: Row layout for reading tensor-parallel shards directly (see :mod:`.pieces`);
+    #: ``None`` makes the importer build the full tensor and slice it.
+    pieces: tuple[Piece, ...] | None = None
 
 
 def _symbols(f: dict[str, Any], padded_vocab: int) -> dict[str, int]:
@@ -271,7 +276,9 @@ def mapping_for(architecture: str, fields: dict[str, Any], te_fused_norms: bool 
         shapes = tuple(tuple(sym[x] for x in shape) for shape in rule.shapes)
         meg = rule.megatron.format(i=i, **norms)
         fwd, bwd = _transforms(rule.kind, sym, meg)
-        out.append(_checked(tuple(n.format(i=i) for n in rule.hf), meg, shapes, fwd, bwd))
+        names = tuple(n.format(i=i) for n in rule.hf)
+        mapping = _checked(names, meg, shapes, fwd, bwd)
+        out.append(dataclasses.replace(mapping, pieces=pieces_for(rule.kind, names, shapes, sym)))
     _assert_unique(out)
     return out
 

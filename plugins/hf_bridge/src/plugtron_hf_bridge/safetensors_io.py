@@ -52,6 +52,8 @@ class TensorInfo(NamedTuple):
     dtype: torch.dtype
     shape: tuple[int, ...]
     file: Path
+    #: Absolute byte offset of the tensor's data in ``file`` (for direct reads).
+    offset: int = -1
 
 
 def read_header(path: str | Path) -> dict[str, TensorInfo]:
@@ -100,7 +102,7 @@ def read_header(path: str | Path) -> dict[str, TensorInfo]:
             raise CheckpointFormatError(
                 path, f"truncated: tensor '{name}' ends at byte {end} of the data section but only {data_size} bytes are present"
             )
-        infos[name] = TensorInfo(dtype, shape, path)
+        infos[name] = TensorInfo(dtype, shape, path, 8 + header_len + begin)
     return infos
 
 
@@ -165,6 +167,10 @@ class SafetensorsCheckpoint:
             return self._infos[name]
         except KeyError:
             raise TensorNotFoundError(self.directory, name) from None
+
+    def info(self, name: str) -> TensorInfo:
+        """dtype, shape, file and data offset of ``name`` (from the validated header)."""
+        return self._info(name)
 
     def names(self) -> list[str]:
         """All tensor names, sorted."""
@@ -248,7 +254,7 @@ class ShardedSafetensorsWriter:
         self.metadata = {"format": "pt"} if metadata is None else dict(metadata)
         self._pending: dict[str, torch.Tensor] = {}
         self._pending_bytes = 0
-        self._storages: set[int] = set()
+        self._storages: dict[int, list[tuple[int, int]]] = {}
         self._shards: list[tuple[Path, list[str]]] = []
         self._seen: set[str] = set()
         self._total_bytes = 0
@@ -267,11 +273,14 @@ class ShardedSafetensorsWriter:
         nbytes = tensor.numel() * tensor.element_size()
         if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
             self._flush()
-        # safetensors rejects tensors sharing storage (tied weights, views): give such tensors their own.
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() in self._storages or storage.nbytes() != nbytes:
+        # safetensors rejects tensors whose bytes overlap (tied weights, a view and its base); disjoint
+        # views of one storage (gate/up halves of a fused weight) are fine and are not copied.
+        span = (tensor.data_ptr(), tensor.data_ptr() + nbytes)
+        key = tensor.untyped_storage().data_ptr()
+        if any(lo < span[1] and span[0] < hi for lo, hi in self._storages.get(key, ())):
             tensor = tensor.clone()
-        self._storages.add(tensor.untyped_storage().data_ptr())
+            span, key = (tensor.data_ptr(), tensor.data_ptr() + nbytes), tensor.untyped_storage().data_ptr()
+        self._storages.setdefault(key, []).append(span)
         self._pending[name] = tensor
         self._seen.add(name)
         self._pending_bytes += nbytes
@@ -281,7 +290,7 @@ class ShardedSafetensorsWriter:
         path = self.directory / f".tmp-shard-{len(self._shards) + 1:05d}.safetensors"
         save_file(self._pending, str(path), metadata=self.metadata)
         self._shards.append((path, list(self._pending)))
-        self._pending, self._pending_bytes, self._storages = {}, 0, set()
+        self._pending, self._pending_bytes, self._storages = {}, 0, {}
 
     def close(self) -> None:
         """Write the last shard, give shards their final names and write the index if sharded."""

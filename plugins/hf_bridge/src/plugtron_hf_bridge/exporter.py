@@ -1,0 +1,202 @@
+"""megatron-core model -> HF safetensors directory, one tensor at a time.
+
+:func:`export_tensors` walks the adapter's tensor table in order on every
+rank, in lockstep: the ranks holding a tensor gather its tensor-parallel
+slices (``tp_gather``), the owning rank sends the full tensor to rank 0
+(pipeline stages other than the first), and rank 0 turns it into HF tensors
+(vocab padding cut off) and yields them. Only one full megatron tensor exists
+at a time, on rank 0.
+
+:func:`write_hf` is rank 0's side: shards written by
+:class:`~plugtron_hf_bridge.safetensors_io.ShardedSafetensorsWriter` into a
+temporary directory that :func:`~plugtron_hf_bridge.safetensors_io.atomic_output_dir`
+renames into place only when everything, ``config.json`` and tokenizer files
+included, was written. An exception or signal mid-stream leaves neither the
+destination nor the temporary directory behind.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
+
+from .errors import CheckpointFormatError, TensorSetError
+from .importer import OUTPUT, plain_torch
+
+if TYPE_CHECKING:
+    import torch
+
+    from .adapter import HFAdapter
+
+_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "B": 1}
+
+
+def parse_size(text: str | int) -> int:
+    """``"5GB"`` -> 5e9 bytes (decimal units, as HF uses; KiB/MiB/GiB are binary)."""
+    if isinstance(text, int):
+        value = text
+    else:
+        raw = text.strip().upper().replace(" ", "")
+        unit = next((u for u in sorted(_UNITS, key=len, reverse=True) if raw.endswith(u)), "")
+        try:
+            value = int(float(raw[: len(raw) - len(unit)]) * _UNITS.get(unit, 1))
+        except ValueError:
+            raise CheckpointFormatError(Path("."), f"max shard size {text!r} is not a size like 5GB or 500MB") from None
+    if value <= 0:
+        raise CheckpointFormatError(Path("."), f"max shard size {text!r} must be positive")
+    return value
+
+
+def refuse_existing(dst: str | Path, overwrite: bool) -> None:
+    """Fail early (on every rank alike) when the destination exists and may not be replaced."""
+    dst = Path(dst)
+    if (dst.exists() or dst.is_symlink()) and not overwrite:
+        raise CheckpointFormatError(dst, "output already exists; pass --overwrite to replace it")
+
+
+def _local_params(chunks: list, tied: bool) -> dict[str, Any]:
+    """Global megatron name -> this rank's parameter; a tied output layer is a copy, not a source."""
+    from plugtron.sharding import layer_offset, to_global_name, unwrap
+
+    params = {}
+    for chunk in chunks:
+        inner = unwrap(chunk)
+        offset = layer_offset(inner)
+        for local, param in inner.named_parameters():
+            name = to_global_name(local, offset)
+            if not (tied and name == OUTPUT):
+                params[name] = param
+    return params
+
+
+def _owners(params: dict[str, Any], parallel: Any) -> dict[str, tuple[int, tuple[int, int], str]]:
+    """name -> (owning global rank, its (pp, dp) group key, dtype), agreed by all ranks."""
+    import torch.distributed as dist
+
+    mine = (parallel.rank, (parallel.pp_rank, parallel.dp_rank),
+            {n: str(p.dtype).removeprefix("torch.") for n, p in params.items()})
+    gathered: list[Any] = [None] * parallel.world_size
+    dist.all_gather_object(gathered, mine)
+    owners: dict[str, tuple[int, tuple[int, int], str]] = {}
+    for rank, key, names in sorted(gathered, key=lambda item: item[0]):
+        for name, dtype in names.items():
+            owners.setdefault(name, (rank, key, dtype))
+    return owners
+
+
+def export_tensors(chunks: list, config: Any, adapter: "HFAdapter", parallel: Any,
+                   dtype: "torch.dtype | None" = None) -> Iterator[tuple[str, "torch.Tensor"]]:
+    """Yield ``(hf_name, tensor)`` on rank 0; other ranks yield nothing but must iterate too."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from plugtron.sharding import tp_gather
+
+    params = _local_params(chunks, bool(config.share_embeddings_and_output_weights))
+    fused = any(n.endswith("layer_norm_weight") for n in params)
+    mappings = adapter.tensor_mappings(config, te_fused_norms=fused)
+    owners = _owners(params, parallel)
+    absent = [m.megatron_name for m in mappings if m.megatron_name not in owners]
+    if absent:
+        raise TensorSetError("the model has no parameter for these tensors of the table", absent)
+    group, tp = parallel_state.get_tensor_model_parallel_group(), parallel.tp
+    here = (parallel.pp_rank, parallel.dp_rank)
+    for mapping in mappings:
+        name = mapping.megatron_name
+        owner, key, stored = owners[name]
+        full = None
+        if key == here and name in params:
+            param = params[name]
+            glu = bool(config.gated_linear_unit) and "linear_fc1" in name
+            full = tp_gather(param.detach(), param, group, tp, glu=glu)
+        if owner != 0:
+            if parallel.rank == owner:
+                dist.send(full.contiguous().cpu(), dst=0)
+            elif parallel.rank == 0:
+                full = torch.empty(mapping.megatron_shape, dtype=getattr(torch, stored))
+                dist.recv(full, src=owner)
+        if parallel.rank == 0:
+            for hf_name, tensor in zip(mapping.hf_names, mapping.to_hf(full.cpu())):
+                yield hf_name, tensor if dtype is None else tensor.to(dtype)
+
+
+def write_hf(dst: str | Path, tensors: Iterable[tuple[str, "torch.Tensor"]], hf_config: dict[str, Any], *,
+             extra_files: Iterable[Path] = (), max_shard_bytes: int = 5 * 10**9, overwrite: bool = False,
+             total: int | None = None, progress: bool = False) -> Path:
+    """Write an HF checkpoint directory atomically (rank 0 only)."""
+    from .safetensors_io import ShardedSafetensorsWriter, atomic_output_dir
+
+    dst = Path(dst)
+    with atomic_output_dir(dst, overwrite=overwrite) as tmp:
+        with ShardedSafetensorsWriter(tmp, max_shard_bytes=max_shard_bytes) as writer:
+            for name, tensor in _progress(tensors, progress, total):
+                writer.add(name, tensor)
+        (tmp / "config.json").write_text(config_json(hf_config))
+        for path in extra_files:
+            shutil.copy2(path, tmp / path.name)
+    return dst
+
+
+def export_hf(built: Any, config: Any, adapter: "HFAdapter", dst: str | Path, *, source_hf_config: dict | None = None,
+              extra_files: Iterable[Path] = (), dtype: str | None = None, max_shard_bytes: int = 5 * 10**9,
+              overwrite: bool = False, progress: bool = False) -> Path | None:
+    """Export a built model (all ranks call it); returns the destination on rank 0."""
+    import torch.distributed as dist
+
+    from .importer import torch_dtype
+
+    refuse_existing(dst, overwrite)
+    cast = torch_dtype(dtype) if dtype else None
+    parallel = built.context.parallel
+    tensors = export_tensors(built.chunks, config, adapter, parallel, cast)
+    if parallel.rank != 0:
+        with plain_torch():
+            for _ in tensors:
+                pass
+        dist.barrier()
+        return None
+    hf_config = hf_config_for(adapter, config, source_hf_config, dtype or _dtype_name(config))
+    total = sum(len(m.hf_names) for m in adapter.tensor_mappings(config)) if progress else None
+    try:
+        with plain_torch():
+            out = write_hf(dst, tensors, hf_config, extra_files=extra_files, max_shard_bytes=max_shard_bytes,
+                           overwrite=overwrite, total=total, progress=progress)
+    finally:
+        tensors.close()
+    dist.barrier()
+    return out
+
+
+def hf_config_for(adapter: "HFAdapter", config: Any, source: dict | None, dtype_name: str) -> dict[str, Any]:
+    """The adapter's config.json, keeping the source's token ids etc.; the dtype says what was written."""
+    out = adapter.config_to_hf(config, passthrough=source)
+    out["dtype"] = dtype_name
+    if "torch_dtype" in out:  # older files spell it this way; keep both consistent
+        out["torch_dtype"] = dtype_name
+    return out
+
+
+def config_json(hf_config: dict[str, Any]) -> str:
+    """config.json text as ``save_pretrained`` writes it (only non-default keys), when
+    transformers knows the model type; the plain dict otherwise (third-party adapters)."""
+    try:
+        from transformers import CONFIG_MAPPING
+
+        return CONFIG_MAPPING[hf_config["model_type"]].from_dict(dict(hf_config)).to_json_string(use_diff=True)
+    except Exception:  # noqa: BLE001 - unknown model type: write what the adapter produced
+        return json.dumps(hf_config, indent=2, sort_keys=True) + "\n"
+
+
+def _dtype_name(config: Any) -> str:
+    return str(config.params_dtype).removeprefix("torch.")
+
+
+def _progress(items: Iterable, show: bool, total: int | None) -> Iterable:
+    if not show:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, total=total, desc="export", unit="tensor", leave=False)

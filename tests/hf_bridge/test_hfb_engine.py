@@ -1,0 +1,134 @@
+"""In-process (one rank) import, parity, export and megatron checkpoints of the HF bridge."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import torch
+
+from plugtron.manager import PlugtronPluginManager
+from plugtron.sharding import unwrap
+from plugtron_hf_bridge import exporter
+from plugtron_hf_bridge.checkpoint import bridge_meta, load_megatron, save_megatron
+from plugtron_hf_bridge.exporter import export_hf
+from plugtron_hf_bridge.importer import import_hf
+from plugtron_hf_bridge.verify import verify
+
+from hfb_helpers import CASES, bit_exact, make_hf
+
+
+@pytest.fixture(scope="module")
+def rank1() -> Iterator[Any]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from plugtron.runtime.parallel import destroy_parallel, initialize_parallel
+
+        context = initialize_parallel(1, 1)
+    yield context
+    destroy_parallel()
+
+
+@pytest.fixture(scope="module")
+def pm() -> PlugtronPluginManager:
+    return PlugtronPluginManager()
+
+
+@pytest.fixture(autouse=True)
+def _quiet() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _config_diff(a: Path, b: Path) -> list[str]:
+    left, right = (json.loads((d / "config.json").read_text()) for d in (a, b))
+    return sorted(k for k in set(left) | set(right) if k != "transformers_version" and left.get(k) != right.get(k))
+
+
+@pytest.mark.parametrize("name,arch,tied,vocab", CASES, ids=[c[0] for c in CASES])
+def test_tp1_parity_and_bit_exact_round_trip(tmp_path, rank1, pm, name, arch, tied, vocab) -> None:
+    src = make_hf(tmp_path / "hf", arch, tied=tied, vocab=vocab)
+    imported = import_hf(src, pm=pm, parallel=rank1)
+    config = imported.plan.config
+    assert config.padded_vocab_size() > vocab and config.share_embeddings_and_output_weights == tied
+    report = verify(src, imported=imported)
+    assert report.max_abs_diff <= 1e-4 and report.top1_agreement == 1.0 and report.logit_scale > 0.2, report
+    params = dict(unwrap(imported.built.chunks[0]).named_parameters())  # megatron's TP attributes survive
+    qkv, proj = params["decoder.layers.0.self_attention.linear_qkv.weight"], params["decoder.layers.0.self_attention.linear_proj.weight"]
+    assert (qkv.tensor_model_parallel, qkv.partition_dim, proj.partition_dim) == (True, 0, 1)
+    export_hf(imported.built, config, imported.plan.adapter, tmp_path / "out", source_hf_config=imported.plan.hf_config)
+    assert bit_exact(src, tmp_path / "out") == []
+    assert _config_diff(src, tmp_path / "out") == []
+
+
+def test_bf16_stays_bf16_unless_dtype_is_given(tmp_path, rank1, pm) -> None:
+    src = make_hf(tmp_path / "hf", dtype="bfloat16")
+    imported = import_hf(src, pm=pm, parallel=rank1)
+    params = list(unwrap(imported.built.chunks[0]).parameters())
+    assert imported.plan.dtype_name == "bfloat16" and {p.dtype for p in params} == {torch.bfloat16}
+    assert type(imported.built.chunks[0]).__name__ == "Float16Module"
+    export_hf(imported.built, imported.plan.config, imported.plan.adapter, tmp_path / "out",
+              source_hf_config=imported.plan.hf_config)
+    assert bit_exact(src, tmp_path / "out") == [] and _config_diff(src, tmp_path / "out") == []
+    upcast = import_hf(src, dtype="float32", pm=pm, parallel=rank1)
+    assert {p.dtype for p in unwrap(upcast.built.chunks[0]).parameters()} == {torch.float32}
+    report = verify(src, imported=upcast)  # transformers upcasts the same bf16 values: exact parity
+    assert report.max_abs_diff <= 1e-4, report
+
+
+def test_megatron_checkpoint_round_trip_with_tokenizer(tmp_path, rank1, pm) -> None:
+    src = make_hf(tmp_path / "hf", "Qwen2ForCausalLM", tokenizer=True)
+    imported = import_hf(src, pm=pm, parallel=rank1)
+    plan = imported.plan
+    assert plan.tokenizer_files == ["tokenizer_config.json", "generation_config.json"]
+    meg = save_megatron(tmp_path / "meg", imported.built, plan.config, meta=bridge_meta(plan.architecture, plan.hf_config, plan.config),
+                        extra_files=[src / f for f in plan.tokenizer_files])
+    assert {p.name for p in meg.iterdir()} == {"plugtron_model.json", "hf_bridge.json", "weights",
+                                                 "tokenizer_config.json", "generation_config.json"}
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    loaded = load_megatron(meg, pm=pm, parallel=rank1)
+    export_hf(loaded.built, loaded.config, plan.adapter, tmp_path / "back", source_hf_config=loaded.meta["hf_config"],
+              extra_files=loaded.tokenizer_files)
+    assert bit_exact(src, tmp_path / "back") == [] and (tmp_path / "back" / "tokenizer_config.json").is_file()
+
+
+def _leftovers(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name not in {"hf"})
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_interrupted_export_leaves_no_destination_and_no_temp_dir(tmp_path, rank1, pm, monkeypatch, error) -> None:
+    src = make_hf(tmp_path / "hf", "GPT2LMHeadModel")
+    imported = import_hf(src, pm=pm, parallel=rank1)
+    real = exporter.export_tensors
+
+    def failing(*args: Any, **kwargs: Any) -> Iterator[Any]:
+        for index, item in enumerate(real(*args, **kwargs)):
+            if index == 7:
+                raise error("injected mid-stream")
+            yield item
+
+    monkeypatch.setattr(exporter, "export_tensors", failing)
+    with pytest.raises(error, match="injected"):
+        export_hf(imported.built, imported.plan.config, imported.plan.adapter, tmp_path / "out", max_shard_bytes=4096)
+    assert _leftovers(tmp_path) == []
+
+
+def test_failed_megatron_save_leaves_nothing(tmp_path, rank1, pm, monkeypatch) -> None:
+    from megatron.core import dist_checkpointing
+
+    src = make_hf(tmp_path / "hf")
+    imported = import_hf(src, pm=pm, parallel=rank1)
+    plan = imported.plan
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise OSError("disk full (injected)")
+
+    monkeypatch.setattr(dist_checkpointing, "save", broken)
+    with pytest.raises(OSError, match="injected"):
+        save_megatron(tmp_path / "meg", imported.built, plan.config, meta=bridge_meta(plan.architecture, plan.hf_config, plan.config))
+    assert _leftovers(tmp_path) == []

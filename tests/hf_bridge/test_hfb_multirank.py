@@ -1,0 +1,85 @@
+"""Two gloo ranks, one torchrun launch: TP=2 and PP=2 parity for every architecture,
+bit-exact round trips, a TP=2-saved distributed checkpoint loaded at PP=2, and the
+``plugtron convert`` command on two ranks. See hfb_mp_worker.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hfb_helpers import CASES, make_hf
+
+pytestmark = pytest.mark.multiprocess
+
+WORKER = Path(__file__).with_name("hfb_mp_worker.py")
+
+
+def _scenarios(src: dict[str, Path]) -> list[dict]:
+    out = [{"name": f"tp2 {name}", "kind": "convert", "src": str(src[name]), "tp": 2} for name, *_ in CASES]
+    out += [
+        {"name": "pp2 llama", "kind": "convert", "src": str(src["llama"]), "pp": 2, "shard": 20_000},
+        {"name": "pp2 gpt2-tied", "kind": "convert", "src": str(src["gpt2-tied"]), "pp": 2},
+        {"name": "pp2 vp2 qwen3-tied", "kind": "convert", "src": str(src["qwen3-tied"]), "pp": 2, "vp": 2},
+        {"name": "tp2 llama bf16", "kind": "convert", "src": str(src["llama-bf16"]), "tp": 2},
+        {"name": "ckpt tp2 -> pp2", "kind": "ckpt", "src": str(src["llama"]), "save": {"tp": 2}, "load": {"pp": 2}},
+        {"name": "ckpt pp2 tied -> tp2", "kind": "ckpt", "src": str(src["qwen3-tied"]), "save": {"pp": 2}, "load": {"tp": 2}},
+        {"name": "cli convert tp2", "kind": "cli",
+         "argv": ["convert", str(src["mistral"]), "OUT/cli-meg", "--to", "megatron", "--tp", "2", "--verify", "--no-progress"]},
+        {"name": "cli export pp2", "kind": "cli",
+         "argv": ["convert", "OUT/cli-meg", "OUT/cli-hf", "--to", "hf", "--pp", "2", "--no-progress"],
+         "compare": [str(src["mistral"]), "OUT/cli-hf"]},
+    ]
+    return out
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> dict[str, dict]:
+    tmp = tmp_path_factory.mktemp("hfb_multirank")
+    src = {name: make_hf(tmp / name, arch, tied=tied, vocab=vocab) for name, arch, tied, vocab in CASES}
+    src["llama-bf16"] = make_hf(tmp / "llama-bf16", "LlamaForCausalLM", dtype="bfloat16", seed=1)
+    scenarios = _scenarios(src)
+    out, result_file = tmp / "out", tmp / "results.json"
+    out.mkdir()
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=0",
+               str(WORKER), "--scenarios", json.dumps(scenarios), "--out", str(out), "--results", str(result_file)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    got = {r["name"]: r for r in json.loads(result_file.read_text())}
+    assert sorted(got) == sorted(s["name"] for s in scenarios)
+    return got
+
+
+CONVERTS = [f"tp2 {name}" for name, *_ in CASES] + ["pp2 llama", "pp2 gpt2-tied", "pp2 vp2 qwen3-tied"]
+
+
+@pytest.mark.parametrize("name", CONVERTS)
+def test_float32_parity_and_bit_exact_round_trip(results, name):
+    r = results[name]
+    assert r["diff"] <= 1e-4 and r["top1"] == 1.0 and r["cosine"] > 0.999999, r
+    assert r["scale"] > 0.5, r  # logits far from zero: the diff bound means something
+    assert r["mismatched"] == [], r
+
+
+def test_bf16_checkpoint_stays_bf16_at_tp2(results):
+    r = results["tp2 llama bf16"]
+    assert r["params_dtype"] == "torch.bfloat16" and r["mismatched"] == [], r
+    assert r["top1"] >= 0.9 and r["cosine"] > 0.999, r
+
+
+@pytest.mark.parametrize("name", ["ckpt tp2 -> pp2", "ckpt pp2 tied -> tp2"])
+def test_distributed_checkpoint_loads_at_another_layout(results, name):
+    r = results[name]
+    assert r["logits_diff"] <= 1e-5, r
+    assert r["mismatched"] == [], r
+
+
+def test_convert_command_on_two_ranks(results):
+    assert results["cli convert tp2"]["code"] == 0
+    r = results["cli export pp2"]
+    assert r["code"] == 0 and r["mismatched"] == [], r
