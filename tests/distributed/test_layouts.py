@@ -21,6 +21,7 @@ SCENARIOS = [
     {"name": "tp=2 tied", "ref": "tied", "tp": 2},
     {"name": "pp=2", "ref": "untied", "pp": 2},
     {"name": "pp=2 tied", "ref": "tied", "pp": 2},
+    {"name": "pp=2 vp=2", "ref": "untied", "pp": 2, "vp": 2},
     {"name": "pp=2 vp=2 tied", "ref": "tied", "pp": 2, "vp": 2},
     {"name": "pp=2 vp=2 batch_p2p (the gloo trap)", "ref": "untied", "pp": 2, "vp": 2, "batch_p2p_comm": True},
 ]

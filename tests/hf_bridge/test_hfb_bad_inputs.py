@@ -156,7 +156,6 @@ class RenamedLlama:
 def test_third_party_adapter_found_through_the_plugin_manager(src, tmp_path) -> None:
     from plugtron import ConverterInfo, hookimpl
     from plugtron.runtime.parallel import initialize_parallel
-    from plugtron_hf_bridge.importer import import_hf
     from plugtron_hf_bridge.verify import verify
 
     class Plugin:
