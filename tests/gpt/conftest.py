@@ -41,14 +41,6 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("example", files, ids=[f.stem for f in files])
 
 
-@pytest.fixture(autouse=True)
-def _quiet() -> Iterator[None]:
-    """megatron warns about apex, TE and deprecated arguments on every CPU build."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-
-
 @pytest.fixture(scope="module")
 def gpt_parallel() -> Iterator[Any]:
     """A single-rank gloo group with TP = PP = 1 for the whole module.

@@ -108,14 +108,6 @@ TINY: dict[str, Any] = dict(
 )
 
 
-@pytest.fixture(autouse=True)
-def _quiet() -> Iterator[None]:
-    """megatron warns about apex, TE and deprecated arguments on every CPU build."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-
-
 @pytest.fixture(scope="module")
 def mamba_parallel() -> Iterator[Any]:
     """A single-rank gloo group with TP = PP = 1 for the module (torn down if created here)."""
