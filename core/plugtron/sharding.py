@@ -40,7 +40,7 @@ def to_global_name(local_name: str, offset: int) -> str:
     return _LAYER.sub(lambda m: f"{m.group(1)}layers.{int(m.group(2)) + offset}.", local_name, count=1)
 
 
-def _partition_dim(param: Any) -> int:
+def partition_dim(param: Any) -> int:
     # megatron marks some TP parameters (Mamba's conv1d, A_log ...) with -1: they split along rows.
     dim = getattr(param, "partition_dim", 0)
     return 0 if dim is None or dim < 0 else dim
@@ -50,6 +50,20 @@ def _row_blocks(full_size: int, glu: bool, blocks: Sequence[int] | None) -> list
     if glu:
         return [full_size // 2, full_size // 2]
     return None if blocks is None else list(blocks)
+
+
+def local_row_ranges(size: int, tp: int, rank: int, blocks: Sequence[int] | None = None) -> list[tuple[int, int]]:
+    """``[start, stop)`` ranges of a full dimension ``size`` that ``rank`` holds, in order.
+
+    The same rule as :func:`tp_slice`, as index ranges, for readers that fetch
+    only those rows from disk: chunk r of every block (one block when ``None``).
+    """
+    ranges, offset = [], 0
+    for block in [size] if blocks is None else blocks:
+        per = block // tp
+        ranges.append((offset + rank * per, offset + (rank + 1) * per))
+        offset += block
+    return ranges
 
 
 def slice_blocks(full: "torch.Tensor", blocks: Sequence[int], rank: int, size: int, dim: int = 0) -> "torch.Tensor":
@@ -88,7 +102,7 @@ def tp_slice(
     """
     if size == 1 or not getattr(param, "tensor_model_parallel", False):
         return full
-    dim = _partition_dim(param)
+    dim = partition_dim(param)
     row_blocks = _row_blocks(full.shape[dim], glu, blocks)
     if row_blocks is None:
         return full.chunk(size, dim=dim)[rank]
@@ -104,7 +118,7 @@ def tp_gather(
 
     if size == 1 or not getattr(param, "tensor_model_parallel", False):
         return local
-    dim = _partition_dim(param)
+    dim = partition_dim(param)
     parts = [torch.empty_like(local) for _ in range(size)]
     dist.all_gather(parts, local.contiguous(), group=group)
     row_blocks = _row_blocks(local.shape[dim] * size, glu, blocks)

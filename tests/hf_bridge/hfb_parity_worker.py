@@ -29,7 +29,8 @@ from megatron.core.tensor_parallel.random import initialize_rng_tracker  # noqa:
 from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
 
 from plugtron_hf_bridge.hf_config import to_megatron_fields  # noqa: E402
-from plugtron_hf_bridge.mappings import hf_to_megatron, mapping_for, padded_vocab_size  # noqa: E402
+from plugtron.config.base import padded_vocab_size  # noqa: E402
+from plugtron_hf_bridge.mappings import hf_to_megatron, mapping_for  # noqa: E402
 
 SEQ = 48
 # GPTModel constructor arguments among the fields; everything else must be a TransformerConfig field.

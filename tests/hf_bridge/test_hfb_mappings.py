@@ -11,6 +11,7 @@ import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from plugtron.config.base import padded_vocab_size
 from plugtron_hf_bridge.errors import MappingError
 from plugtron_hf_bridge.hf_config import from_megatron_fields, to_megatron_fields
 from plugtron_hf_bridge.mappings import (
@@ -22,7 +23,6 @@ from plugtron_hf_bridge.mappings import (
     megatron_to_hf,
     pack_gate_up,
     pack_qkv,
-    padded_vocab_size,
     unpack_gate_up,
     unpack_qkv,
 )

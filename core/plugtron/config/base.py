@@ -46,7 +46,7 @@ def transformer_fields(path: str) -> dict[str, Any]:
     return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls) if f.init}
 
 
-def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int, *, pad: bool = True) -> int:
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int = 1, *, pad: bool = True) -> int:
     """megatron's rule: round the vocab up to a multiple of ``divisible_by x tp``."""
     if not pad:
         return vocab_size

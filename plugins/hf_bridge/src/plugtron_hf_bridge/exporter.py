@@ -86,9 +86,12 @@ def _owners(params: dict[str, Any], parallel: Any) -> dict[str, tuple[int, tuple
     return owners
 
 
-def export_tensors(chunks: list, config: Any, adapter: "HFAdapter", parallel: Any,
+def export_tensors(chunks: list, config: Any, adapter: "HFAdapter", parallel: Any, builder: Any,
                    dtype: "torch.dtype | None" = None) -> Iterator[tuple[str, "torch.Tensor"]]:
-    """Yield ``(hf_name, tensor)`` on rank 0; other ranks yield nothing but must iterate too."""
+    """Yield ``(hf_name, tensor)`` on rank 0; other ranks yield nothing but must iterate too.
+
+    ``builder`` gives the family's tensor-parallel block layouts (``tp_row_blocks``).
+    """
     import torch
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -110,8 +113,7 @@ def export_tensors(chunks: list, config: Any, adapter: "HFAdapter", parallel: An
         full = None
         if key == here and name in params:
             param = params[name]
-            glu = bool(config.gated_linear_unit) and "linear_fc1" in name
-            full = tp_gather(param.detach(), param, group, tp, glu=glu)
+            full = tp_gather(param.detach(), param, group, tp, blocks=builder.tp_row_blocks(name, param))
         if owner != 0:
             if parallel.rank == owner:
                 dist.send(full.contiguous().cpu(), dst=0)
@@ -151,7 +153,7 @@ def export_hf(built: Any, config: Any, adapter: "HFAdapter", dst: str | Path, *,
     refuse_existing(dst, overwrite)
     cast = torch_dtype(dtype) if dtype else None
     parallel = built.context.parallel
-    tensors = export_tensors(built.chunks, config, adapter, parallel, cast)
+    tensors = export_tensors(built.chunks, config, adapter, parallel, built.context.builder, cast)
     if parallel.rank != 0:
         with plain_torch():
             for _ in tensors:

@@ -198,6 +198,7 @@ class ShardLoader:
         from plugtron.sharding import layer_offset, unwrap
 
         inner = unwrap(chunk)
+        self.builder = context.builder  # knows the family's TP block layouts (tp_row_blocks)
         jobs = self._jobs(inner, layer_offset(inner))
         show = self.progress and self.parallel.rank == 0
         with plain_torch():
@@ -237,11 +238,13 @@ class ShardLoader:
         return tuple(shape)
 
     def _ranges(self, name: str, param: Any, full: tuple[int, ...]) -> tuple[int, list[tuple[int, int]]]:
+        from plugtron.sharding import local_row_ranges, partition_dim
+
         tp, rank = self.parallel.tp, self.parallel.tp_rank
         if tp == 1 or not getattr(param, "tensor_model_parallel", False):
             return 0, [(0, full[0] if full else 1)]
-        glu = bool(self.plan.config.gated_linear_unit) and "linear_fc1" in name
-        return param.partition_dim, local_ranges(full[param.partition_dim], tp, rank, glu)
+        dim = partition_dim(param)
+        return dim, local_row_ranges(full[dim], tp, rank, self.builder.tp_row_blocks(name, param))
 
     def _fill(self, name: str, param: Any, mapping: "TensorMapping") -> None:
         dim, ranges = self._ranges(name, param, mapping.megatron_shape)
@@ -282,8 +285,8 @@ class ShardLoader:
         from plugtron.sharding import tp_slice
 
         full = mapping.to_megatron([self.reader.read(n) for n in mapping.hf_names])
-        glu = bool(self.plan.config.gated_linear_unit) and "linear_fc1" in name
-        param.copy_(tp_slice(full, param, self.parallel.tp_rank, self.parallel.tp, glu=glu))
+        blocks = self.builder.tp_row_blocks(name, param)
+        param.copy_(tp_slice(full, param, self.parallel.tp_rank, self.parallel.tp, blocks=blocks))
 
     def check_coverage(self) -> None:
         """All ranks together must have filled every tensor of the table (collective)."""
@@ -313,19 +316,6 @@ def plain_torch() -> Any:
     from plugtron.runtime import cpu
 
     return torch._C.DisableTorchFunction() if cpu.is_enabled() else contextlib.nullcontext()
-
-
-def local_ranges(size: int, tp: int, rank: int, glu: bool) -> list[tuple[int, int]]:
-    """Ranges of a full dimension ``size`` that tensor-parallel ``rank`` holds.
-
-    Gated linear units keep ``[gate_r; up_r]``: one range in each half.
-    """
-    if not glu:
-        per = size // tp
-        return [(rank * per, (rank + 1) * per)]
-    half = size // 2
-    per = half // tp
-    return [(rank * per, (rank + 1) * per), (half + rank * per, half + (rank + 1) * per)]
 
 
 def _split_rows(pieces: Any, start: int, stop: int) -> Any:

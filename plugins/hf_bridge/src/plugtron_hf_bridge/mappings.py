@@ -93,12 +93,6 @@ def qkv_to_gpt2_c_attn(qkv: Tensor, num_heads: int, head_dim: int) -> Tensor:
     return linear_to_conv1d(rows) if rows.dim() == 2 else rows
 
 
-def padded_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int = 128, tensor_model_parallel_size: int = 1) -> int:
-    """The vocabulary size megatron allocates: rounded up to a multiple of divisor x TP."""
-    multiple = make_vocab_size_divisible_by * tensor_model_parallel_size
-    return -(-vocab_size // multiple) * multiple
-
-
 def pad_vocab(weight: Tensor, padded_size: int) -> Tensor:
     if weight.shape[0] > padded_size:
         raise MappingError("word_embeddings", f"{weight.shape[0]} vocab rows exceed the padded size {padded_size}")

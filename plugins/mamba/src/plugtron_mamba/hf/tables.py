@@ -84,18 +84,18 @@ def rules_for(config: Any) -> list[Rule]:
 
 
 def refuse_split_mixers(config: Any) -> None:
-    """The bridge cuts tensor-parallel shards as plain row ranges; Mamba's fused tensors need block-wise cuts.
+    """Conversion at TP > 1 is refused for models with Mamba layers until it is tested.
 
     ``in_proj`` is ``[z|x|B|C|dt]`` and ``conv1d`` ``[x|B|C]``: rank r holds chunk r
-    of *every* block (:mod:`plugtron_mamba.tp_layout`). The bridge's importer and
-    exporter do not consult ``MambaModelBuilder.tp_row_blocks``, so at TP > 1 they
-    would silently scramble those rows; refuse until they do.
+    of *every* block (:mod:`plugtron_mamba.tp_layout`). The bridge takes these
+    layouts from ``MambaModelBuilder.tp_row_blocks``, but no multi-rank Mamba
+    conversion test exists yet, so TP > 1 stays refused rather than unverified.
     """
     tp = config.transformer_kwargs.get("tensor_model_parallel_size") or 1
     if tp > 1 and "M" in config.layer_pattern():
         raise _bridge().errors.ConversionError(
-            f"tensor_model_parallel_size={tp}: the HF bridge splits tensors into plain row ranges, but Mamba's "
-            "in_proj/conv1d are split block by block, which the bridge does not do yet; convert at --tp 1")
+            f"tensor_model_parallel_size={tp}: Mamba's in_proj/conv1d are split block by block across ranks, and "
+            "converting them at TP > 1 is not verified yet; convert at --tp 1")
 
 
 def _bridge() -> Any:
