@@ -35,6 +35,22 @@ def test_meta_build_matches_eager_build(gpt_config):
     assert not meta.rotary_pos_emb.inv_freq.is_meta
 
 
+def test_meta_construction_skips_random_init_and_restores_the_config(gpt_config):
+    on_meta = []
+
+    def counting_init(tensor):
+        on_meta.append(tensor.is_meta)
+        torch.nn.init.normal_(tensor, std=0.02)
+
+    config = gpt_config(init_method=counting_init, output_layer_init_method=counting_init)
+    chunk = _build(config, meta_device=True).chunks[0]
+    assert on_meta and not any(on_meta)  # only materialisation initialised, on real tensors
+    assert config.transformer.init_method is counting_init
+    assert config.transformer.output_layer_init_method is counting_init
+    qkv = chunk.decoder.layers[0].self_attention.linear_qkv.weight
+    assert (qkv.tensor_model_parallel, qkv.partition_dim) == (True, 0)  # set in megatron's init path
+
+
 def test_meta_build_needs_cpu_initialization(gpt_config):
     with pytest.raises(PipelineError, match="use_cpu_initialization=True"):
         _build(gpt_config(use_cpu_initialization=False), meta_device=True)
