@@ -7,7 +7,7 @@ from typing import Dict, Optional
 import pytest
 import torch
 
-from plugtron_mamba.torch_impl.ssd import segment_sum, ssd_chunked, ssd_sequential_reference
+from plugtron_mamba.torch_impl.ssd import ssd_chunked, ssd_sequential_reference
 
 
 def _inputs(
@@ -111,17 +111,6 @@ def test_gradients_match_reference() -> None:
         grads.append({k: leaves[k].grad for k in names})
     for k in names:
         torch.testing.assert_close(grads[0][k], grads[1][k], atol=1e-9, rtol=0, msg=k)
-
-
-def test_segment_sum_definition() -> None:
-    a = torch.randn(3, 6, dtype=torch.float64)
-    seg = segment_sum(a)
-    for i in range(6):
-        for j in range(6):
-            if i >= j:
-                torch.testing.assert_close(seg[:, i, j], a[:, j + 1 : i + 1].sum(-1))
-            else:
-                assert torch.isneginf(seg[:, i, j]).all()
 
 
 def test_shape_errors_are_reported() -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from .norm import GatedRMSNorm, gated_rms_norm
-from .ssd import segment_sum, ssd_chunked, ssd_sequential_reference
+from .ssd import ssd_chunked, ssd_sequential_reference
 
 __all__ = [
     "GatedRMSNorm",
@@ -24,7 +24,6 @@ __all__ = [
     "init_A_log",
     "init_dt_bias",
     "mamba_mixer_sharded_state_dict",
-    "segment_sum",
     "ssd_chunked",
     "ssd_sequential_reference",
     "split_sharded_tensor",

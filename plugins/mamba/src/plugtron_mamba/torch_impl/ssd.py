@@ -27,7 +27,7 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-__all__ = ["segment_sum", "ssd_chunked", "ssd_sequential_reference"]
+__all__ = ["ssd_chunked", "ssd_sequential_reference"]
 
 SSDResult = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
 
@@ -73,28 +73,6 @@ def _skip_connection(x: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
     return x * D
 
 
-def segment_sum(a: torch.Tensor) -> torch.Tensor:
-    """Pairwise segment sums ``out[..., i, j] = a[..., j+1] + ... + a[..., i]``.
-
-    Entries with ``i < j`` (the future) are set to ``-inf`` so that ``exp`` of the
-    result is exactly the causal decay matrix, with zeros above the diagonal.
-
-    Why not ``cumsum(a)[i] - cumsum(a)[j]``: for long chunks the two cumulative sums
-    are large and nearly equal, so their difference loses precision, and unmasked
-    positive differences can overflow in ``exp``.  Instead every column ``j`` gets its
-    own cumulative sum that starts after ``j``; the sum never includes terms that
-    would later cancel, and masking happens *before* the exponential.
-    """
-    q = a.shape[-1]
-    # grid[..., i, j] = a[..., i]
-    grid = a.unsqueeze(-1).expand(*a.shape, q)
-    strictly_lower = torch.ones(q, q, dtype=torch.bool, device=a.device).tril(-1)
-    grid = grid.masked_fill(~strictly_lower, 0.0)
-    sums = grid.cumsum(dim=-2)
-    causal = torch.ones(q, q, dtype=torch.bool, device=a.device).tril(0)
-    return sums.masked_fill(~causal, float("-inf"))
-
-
 def ssd_chunked(
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -114,7 +92,9 @@ def ssd_chunked(
         A: per-head decay rates ``[h]`` (negative for a stable scan).
         B, C: input/output projections ``[b, l, g, n]``; head ``k`` uses group
             ``k // (h // g)`` (heads of a group are contiguous).
-        chunk_size: chunk length; ``l`` need not be a multiple of it.
+        chunk_size: chunk length; ``l`` need not be a multiple of it. The result
+            does not depend on it (up to rounding); it only trades the quadratic
+            in-chunk work against the number of chunk states.
         D: optional skip weight, ``[h]`` or ``[h, p]``.
         initial_states: optional state before the first step, ``[b, h, p, n]``.
         return_final_states: also return the state after the last step.
@@ -124,73 +104,99 @@ def ssd_chunked(
         the tuple ``(y, final_states)`` where ``final_states`` is ``[b, h, p, n]``
         in the compute dtype (float32, or float64 for float64 inputs), because the
         state is the quantity that accumulates rounding error.
+
+    Decays are differences of *chunk-local* cumulative log-decays, masked or
+    clamped to be <= 0 before ``exp`` (so nothing overflows however strong the
+    decay), the convention of the fused GPU kernels. Each big product is one
+    batched matmul on a layout chosen to need few copies; heads of a group share
+    one ``C B^T`` product instead of repeating B and C per head.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     b, l, h, p, g, n = _check_shapes(x, dt, A, B, C, D, initial_states)
-    r = h // g  # heads per group
-    q = chunk_size
+    r, q = h // g, chunk_size
     cdt = torch.promote_types(x.dtype, torch.float32)
-
+    x_in = x
+    x, dt, B, C = (t.to(cdt) for t in (x, dt, B, C))
     # Zero padding is harmless: dt = 0 means no decay (exp(0) = 1) and no input
     # (dt * x = 0), so the padded tail neither changes outputs nor the final state.
     pad = (-l) % q
-    nc = (l + pad) // q
-    xs = F.pad(x.to(cdt), (0, 0, 0, 0, 0, pad))
-    dts = F.pad(dt.to(cdt), (0, 0, 0, pad))
-    Bs = F.pad(B.to(cdt), (0, 0, 0, 0, 0, pad))
-    Cs = F.pad(C.to(cdt), (0, 0, 0, 0, 0, pad))
+    if pad:
+        x, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (x, B, C))
+        dt = F.pad(dt, (0, 0, 0, pad))
+    c = (l + pad) // q
 
-    # Split time into (chunk, position) and heads into (group, head-in-group) so
-    # that B and C never need to be repeated per head.
-    xs = xs.reshape(b, nc, q, g, r, p)
-    Bs = Bs.reshape(b, nc, q, g, n)
-    Cs = Cs.reshape(b, nc, q, g, n)
-    dts = dts.reshape(b, nc, q, g, r)
-    x_dt = xs * dts.unsqueeze(-1)  # discretised input, [b, c, q, g, r, p]
+    cs = (dt * A.to(cdt)).view(b, c, q, h).cumsum(2).transpose(2, 3)  # [b, c, h, q] log-decay since chunk start
+    x_dt = (x * dt.unsqueeze(-1)).view(b, c, q, h, p)  # discretised input
+    Bc = B.view(b, c, q, g, n).transpose(2, 3)  # [b, c, g, q, n]
+    Cc = C.view(b, c, q, g, n).transpose(2, 3)
 
-    # Log-decays per step, laid out [b, g, r, c, q] so the time axis is last.
-    a = (dts * A.to(cdt).reshape(g, r)).permute(0, 3, 4, 1, 2)
-    seg = segment_sum(a)  # [b, g, r, c, q(i), q(j)]
-    decay_in = torch.exp(seg)  # decay from step j to step i inside a chunk
-    decay_from_start = torch.exp(a.cumsum(dim=-1))  # chunk start -> step i (inclusive)
-    decay_to_end = decay_in[..., -1, :]  # step j -> chunk end
+    y = _within_chunks(cs, x_dt, Bc, Cc, g)  # [b, c, g, q, r, p]
+    states = _chunk_states(cs, x_dt, Bc, g)  # [b, h, c, p*n], each chunk from a zero state
+    entering, final = _pass_states(cs, states, initial_states, return_final_states)
+    y = y + _from_entering_states(cs, entering, Cc, g)
 
-    # 1) Within-chunk contribution: y_i = sum_{j<=i} (C_i . B_j) decay(j->i) dt_j x_j.
-    scores = torch.einsum("bcign,bcjgn->bcgij", Cs, Bs)
-    weights = scores.unsqueeze(3) * decay_in.permute(0, 3, 1, 2, 4, 5)  # [b, c, g, r, i, j]
-    y = torch.einsum("bcgrij,bcjgrp->bcigrp", weights, x_dt)
-
-    # 2) State each chunk produces by itself (starting from zero).
-    chunk_states = torch.einsum(
-        "bcjgn,bgrcj,bcjgrp->bcgrpn", Bs, decay_to_end, x_dt
-    )  # [b, c, g, r, p, n]
-
-    # 3) Pass states across chunks.  Treat the initial state as chunk "-1"; the
-    #    state entering chunk c is a decay-weighted sum of all earlier chunk states,
-    #    which is again a (tiny) causal segment-sum product over the chunk axis.
-    if initial_states is None:
-        init = x_dt.new_zeros(b, 1, g, r, p, n)
-    else:
-        init = initial_states.to(cdt).reshape(b, 1, g, r, p, n)
-    all_states = torch.cat([init, chunk_states], dim=1)  # [b, c+1, ...]
-    chunk_totals = F.pad(a.sum(dim=-1), (1, 0))  # [b, g, r, c+1], entry 0 is "no decay"
-    decay_chunks = torch.exp(segment_sum(chunk_totals))  # [b, g, r, c+1, c+1]
-    boundary = torch.einsum("bgrzs,bsgrpn->bzgrpn", decay_chunks, all_states)
-    start_states, final_states = boundary[:, :-1], boundary[:, -1]
-
-    # 4) Contribution of the state entering each chunk: y_i += decay(start->i) C_i h_start.
-    y = y + torch.einsum(
-        "bcign,bcgrpn,bgrci->bcigrp", Cs, start_states, decay_from_start
-    )
-
-    y = y.reshape(b, nc * q, h, p)[:, :l]
+    y = y.transpose(2, 3).reshape(b, c * q, h, p)[:, :l]
     if D is not None:
-        y = y + _skip_connection(x.to(cdt), D.to(cdt))
-    y = y.to(x.dtype)
+        y = y + _skip_connection(x[:, :l], D.to(cdt))
+    y = y.to(x_in.dtype)
     if return_final_states:
-        return y, final_states.reshape(b, h, p, n)
+        return y, final.reshape(b, h, p, n)
     return y
+
+
+def _within_chunks(cs: torch.Tensor, x_dt: torch.Tensor, Bc: torch.Tensor, Cc: torch.Tensor, g: int) -> torch.Tensor:
+    """y_i = sum_{j<=i} (C_i . B_j) exp(cs_i - cs_j) x_dt_j inside each chunk, as ``[b, c, g, q, r, p]``."""
+    b, c, h, q = cs.shape
+    r, p = h // g, x_dt.shape[-1]
+    scores = torch.matmul(Cc, Bc.transpose(-1, -2)).tril()  # [b, c, g, q(i), q(j)], causal
+    # Above the diagonal cs_i - cs_j >= 0 could overflow exp; clamp to 0 there, the tril'd scores zero it.
+    decay = torch.exp((cs.unsqueeze(-1) - cs.unsqueeze(-2)).clamp(max=0.0))  # [b, c, h, q, q]
+    weights = decay.view(b, c, g, r, q, q) * scores.unsqueeze(3)
+    y = torch.matmul(weights.view(b, c, h, q, q), x_dt.permute(0, 1, 3, 2, 4))  # [b, c, h, q, p]
+    return y.view(b, c, g, r, q, p).transpose(3, 4)
+
+
+def _chunk_states(cs: torch.Tensor, x_dt: torch.Tensor, Bc: torch.Tensor, g: int) -> torch.Tensor:
+    """State each chunk produces from a zero start: sum_j exp(cs_end - cs_j) x_dt_j B_j^T, ``[b, h, c, p*n]``."""
+    b, c, h, q = cs.shape
+    p, n = x_dt.shape[-1], Bc.shape[-1]
+    to_end = torch.exp(cs[..., -1:] - cs).transpose(2, 3).unsqueeze(-1)  # [b, c, q, h, 1]
+    weighted = (x_dt * to_end).view(b, c, q, g, (h // g) * p).permute(0, 1, 3, 4, 2)  # [b, c, g, r*p, q]
+    states = torch.matmul(weighted, Bc)  # [b, c, g, r*p, n]
+    return states.view(b, c, h, p * n).transpose(1, 2)
+
+
+def _pass_states(cs: torch.Tensor, states: torch.Tensor, initial: Optional[torch.Tensor],
+                 want_final: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """States entering every chunk (``[b, h, c, p*n]``) and, if asked, the state after the last one.
+
+    The state entering chunk z is sum_{s<z} exp(T_{z-1} - T_s) states_s (T: cumulative
+    chunk decays), plus the decayed initial state: one small causal matmul over chunks.
+    """
+    b, c, h, _ = cs.shape
+    totals = cs[..., -1].transpose(1, 2)  # [b, h, c] log-decay across each chunk
+    after = totals.cumsum(-1)  # up to the end of chunk s
+    before = F.pad(after, (1, 0))[..., :-1]  # up to the start of chunk z
+    earlier = torch.ones(c, c, dtype=torch.bool, device=cs.device).tril(-1)
+    mix = torch.exp((before.unsqueeze(-1) - after.unsqueeze(-2)).masked_fill(~earlier, float("-inf")))
+    entering = torch.matmul(mix, states)
+    if initial is not None:
+        entering = entering + torch.exp(before).unsqueeze(-1) * initial.to(states.dtype).reshape(b, h, 1, -1)
+    final = None
+    if want_final:
+        final = torch.exp(totals[..., -1:]).unsqueeze(-1) * entering[:, :, -1:] + states[:, :, -1:]
+    return entering, final
+
+
+def _from_entering_states(cs: torch.Tensor, entering: torch.Tensor, Cc: torch.Tensor, g: int) -> torch.Tensor:
+    """y_i += exp(cs_i) C_i . h_entering, as ``[b, c, g, q, r, p]``."""
+    b, c, h, q = cs.shape
+    r, n = h // g, Cc.shape[-1]
+    p = entering.shape[-1] // n
+    state = entering.reshape(b, g, r, c, p, n).permute(0, 3, 1, 5, 2, 4).reshape(b, c, g, n, r * p)
+    y = torch.matmul(Cc, state).view(b, c, g, q, r, p)
+    return y * torch.exp(cs).view(b, c, g, r, q).transpose(3, 4).unsqueeze(-1)
 
 
 def ssd_sequential_reference(
