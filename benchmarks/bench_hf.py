@@ -1,7 +1,7 @@
 """HF bridge benchmarks: import/export wall time and peak memory against the floor.
 
     .venv/bin/python benchmarks/bench_hf.py --quick      # ~250M only, one repeat
-    .venv/bin/python benchmarks/bench_hf.py              # ~250M and ~1B, median of 3
+    .venv/bin/python benchmarks/bench_hf.py              # ~250M and ~1B, median of 2 processes per side
 
 On generated bf16 Llama-shaped checkpoints (random values, 3 safetensors shards),
 each measurement runs in a fresh interpreter, alternating between the sides:
@@ -16,11 +16,25 @@ each measurement runs in a fresh interpreter, alternating between the sides:
 
 Times cover the operation only (from the call to its return), not starting
 Python and importing torch/megatron/transformers, which every side pays
-differently and once per process. Peak RSS is reported as the process peak
-and as the part added by the operation (peak minus the resident size just
-before it, with the kernel's high-water mark reset where allowed); the memory
-target applies to the added part. Page cache is warm on every side (the files
-were just written). This parent process never imports torch.
+differently and once per process.
+
+Each fresh process runs its operation ``1 + REPEATS`` times: the first call
+("cold": first use of every code path in the process) is reported for
+context, the target is judged on the fastest of the repeats that follow.
+Why: on this virtual machine the same 196 MB ``save_file`` took 0.05 s or
+0.5 s depending on whether the kernel handed it page-cache pages the host had
+already backed (measured, 8 writes in one process: 0.098, 0.50, 0.52, 0.50
+before deleting earlier outputs, 0.052, 0.046, 0.050, 0.049 after); the
+first touch of fresh guest memory is that slow for reads into new buffers as
+well. One cold sample per side therefore measured the host, not the code
+(ratios of 0.28x to 2.44x for the same import code). Outputs of a repeat are
+deleted (untimed) before the next, on every side alike.
+
+Peak RSS is reported as the process peak and as the part added by the first
+call (peak minus the resident size just before it, with the kernel's
+high-water mark reset where allowed); the memory target applies to the added
+part. Page cache is warm on every side (the files were just written). This
+parent process never imports torch.
 """
 
 from __future__ import annotations
@@ -41,6 +55,8 @@ MARKER = "@@BENCH-HF@@ "
 #: Llama-shaped models: (hidden, layers, heads, kv heads, ffn, vocab).
 SHAPES = {"llama-250m": (1024, 16, 16, 4, 2816, 32000), "llama-1b": (2048, 20, 32, 8, 5632, 32000)}
 IMPORT_RATIO, RSS_RATIO = 1.5, 1.3
+#: Timed calls after the first (cold) one, per process.
+REPEATS = 3
 
 
 # -- child side (fresh interpreter) -------------------------------------------------------------------
@@ -72,6 +88,40 @@ def _measure(operation: Callable[[], Any]) -> dict[str, Any]:
     peak = _rss("VmHWM")
     del keep
     return {"seconds": seconds, "added_mb": peak - before, "peak_mb": peak}
+
+
+def _repeated(operation: Callable[[int], Any], cleanup: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """``operation(i)`` once cold (memory measured there) and ``REPEATS`` times more; the fastest repeat counts.
+
+    ``cleanup(i)`` runs untimed after call ``i`` (deleting what an export wrote).
+    """
+    import gc
+
+    first = _measure(lambda: operation(0))
+    if cleanup:
+        cleanup(0)
+    samples = []
+    for i in range(1, REPEATS + 1):
+        gc.collect()
+        start = time.perf_counter()
+        keep = operation(i)
+        samples.append(time.perf_counter() - start)
+        del keep
+        if cleanup:
+            cleanup(i)
+    return {**first, "first_seconds": first["seconds"], "seconds": min(samples), "samples": samples}
+
+
+def _fresh_dirs(dst: str) -> tuple[Callable[[int], Path], Callable[[int], None]]:
+    """Per-call output directories ``dst/<i>`` and their untimed removal."""
+    import shutil
+
+    Path(dst).mkdir(parents=True, exist_ok=True)
+
+    def path(i: int) -> Path:
+        return Path(dst) / str(i)
+
+    return path, lambda i: shutil.rmtree(path(i), ignore_errors=True)
 
 
 def make_checkpoint(directory: str, shape: str) -> dict[str, Any]:
@@ -113,16 +163,21 @@ def floor_read(src: str) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     # load_file maps the file lazily; cloning makes the bytes really land in memory, as an import must.
-    return _measure(lambda: [{k: v.clone() for k, v in load_file(str(p)).items()} for p in _shards(src)])
+    return _repeated(lambda i: [{k: v.clone() for k, v in load_file(str(p)).items()} for p in _shards(src)])
 
 
 def floor_write(src: str, dst: str) -> dict[str, Any]:
     from safetensors.torch import load_file, save_file
 
-    shards = [load_file(str(p)) for p in _shards(src)]
-    Path(dst).mkdir()
-    return _measure(lambda: [save_file(t, str(Path(dst) / f"{i}.safetensors"), metadata={"format": "pt"})
-                             for i, t in enumerate(shards)])
+    shards = [{k: v.clone() for k, v in load_file(str(p)).items()} for p in _shards(src)]
+    out, cleanup = _fresh_dirs(dst)
+
+    def write(i: int) -> None:
+        out(i).mkdir()
+        for n, tensors in enumerate(shards):
+            save_file(tensors, str(out(i) / f"{n}.safetensors"), metadata={"format": "pt"})
+
+    return _repeated(write, cleanup)
 
 
 def _libraries() -> None:
@@ -140,11 +195,11 @@ def _import(src: str) -> Any:
 
     _libraries()
     parallel = initialize_parallel()
-    return lambda: import_hf(src, parallel=parallel)
+    return lambda i=0: import_hf(src, parallel=parallel)
 
 
 def plugtron_import(src: str) -> dict[str, Any]:
-    return _measure(_import(src))
+    return _repeated(_import(src))
 
 
 def plugtron_export(src: str, dst: str, shard_bytes: int) -> dict[str, Any]:
@@ -152,8 +207,9 @@ def plugtron_export(src: str, dst: str, shard_bytes: int) -> dict[str, Any]:
 
     imported = _import(src)()
     plan = imported.plan
-    return _measure(lambda: export_hf(imported.built, plan.config, plan.adapter, dst, source_hf_config=plan.hf_config,
-                                      max_shard_bytes=shard_bytes))
+    out, cleanup = _fresh_dirs(dst)
+    return _repeated(lambda i: export_hf(imported.built, plan.config, plan.adapter, out(i),
+                                         source_hf_config=plan.hf_config, max_shard_bytes=shard_bytes), cleanup)
 
 
 def _hf_load(src: str) -> Any:
@@ -168,12 +224,13 @@ def hf_import(src: str) -> dict[str, Any]:
     import transformers
 
     transformers.LlamaForCausalLM  # noqa: B018 - resolve the lazy module before timing
-    return _measure(lambda: _hf_load(src))
+    return _repeated(lambda i: _hf_load(src))
 
 
 def hf_export(src: str, dst: str, shard_bytes: int) -> dict[str, Any]:
     model = _hf_load(src)
-    return _measure(lambda: model.save_pretrained(dst, max_shard_size=shard_bytes))
+    out, cleanup = _fresh_dirs(dst)
+    return _repeated(lambda i: model.save_pretrained(out(i), max_shard_size=shard_bytes), cleanup)
 
 
 def _child_main(name: str, kwargs: str) -> int:
@@ -231,6 +288,7 @@ def rows_for(result: dict[str, Any]) -> list[dict[str, Any]]:
     size_mb = info["bytes"] / 2**20
     label = f"{result['shape']} ({info['params'] / 1e6:.0f}M params, bf16, {size_mb:.0f} MiB, {info['shards']} shards)"
     t = {k: _median(v, "seconds") for k, v in s.items()}
+    cold = {k: _median(v, "first_seconds") for k, v in s.items()}
     added = {k: _median(v, "added_mb") for k, v in s.items()}
     peak = {k: _median(v, "process_peak_mb") for k, v in s.items()}
     rows = []
@@ -240,17 +298,17 @@ def rows_for(result: dict[str, Any]) -> list[dict[str, Any]]:
     ):
         ratio = t[ours] / t[floor]
         rows.append({
-            "benchmark": f"HF {op} {label}, TP=1, median of {n} fresh processes",
+            "benchmark": f"HF {op} {label}, TP=1, fastest of {REPEATS} calls after a cold one, median of {n} processes",
             "plugtron": f"{t[ours]:.2f} s",
             "reference": f"floor ({floor_name}) {t[floor]:.2f} s; transformers {hf_name} {t[hf]:.2f} s",
             "ratio": round(ratio, 3), "target": f"<= {IMPORT_RATIO}x floor", "ok": ratio <= IMPORT_RATIO,
         })
-    wall = {k: _median(v, "process_s") for k, v in s.items()}
     rows.append({
-        "benchmark": f"HF import {label}: whole process (python start, library imports, import), for context",
-        "plugtron": f"{wall['plugtron_import']:.1f} s",
-        "reference": f"floor {wall['floor_read']:.1f} s; from_pretrained {wall['hf_import']:.1f} s",
-        "ratio": round(wall["plugtron_import"] / wall["floor_read"], 3), "target": "info", "ok": None,
+        "benchmark": f"HF import / export {label}: the cold first call of each process, for context",
+        "plugtron": f"{cold['plugtron_import']:.2f} s / {cold['plugtron_export']:.2f} s",
+        "reference": f"floor {cold['floor_read']:.2f} s / {cold['floor_write']:.2f} s; transformers "
+                     f"{cold['hf_import']:.2f} s / {cold['hf_export']:.2f} s",
+        "ratio": round(cold["plugtron_import"] / cold["floor_read"], 3), "target": "info", "ok": None,
     })
     rss_ratio = added["plugtron_import"] / size_mb
     rows.append({
@@ -276,7 +334,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-hf-") as tmp:
         for shape in shapes:
-            rows += rows_for(measure_shape(shape, 1 if quick else 3, Path(tmp)))
+            rows += rows_for(measure_shape(shape, 1 if quick else 2, Path(tmp)))
             for path in Path(tmp).iterdir():  # free the disk before the next shape
                 subprocess.run(["rm", "-rf", str(path)], check=True)
     return rows
@@ -284,7 +342,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="~250M only, one repeat")
+    parser.add_argument("--quick", action="store_true", help="~250M only, one process per side")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--child", nargs=2, metavar=("FUNCTION", "KWARGS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
