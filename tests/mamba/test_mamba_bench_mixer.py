@@ -25,7 +25,7 @@ def bench():
 
 
 def test_speed_child_compares_identical_mixers(bench) -> None:
-    result = bench._child("child_speed", seqs=[160], steps={"160": 1}, warmup=0)
+    result = bench._child("child_speed", shape="small", seqs=[160], steps={"160": 1}, warmup=0)
     assert result["threads"] == 1
     for mode in ("fwd", "fwd+bwd"):
         r = result[f"{mode}@160"]
@@ -34,7 +34,7 @@ def test_speed_child_compares_identical_mixers(bench) -> None:
 
 
 def test_memory_child_reports_the_step_alone(bench) -> None:
-    result = bench._child("child_memory", side="plugtron", seq=256)
+    result = bench._child("child_memory", shape="mamba2-130m", side="plugtron", seq=256)
     assert 0 < result["peak_delta_mb"] < 2000 and result["how"]
 
 
