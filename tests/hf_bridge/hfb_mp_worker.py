@@ -3,7 +3,8 @@
 Kinds of scenario (a JSON list on the command line), each result one JSON dict:
 
 * ``convert``: import an HF checkpoint at a layout, logit parity against
-  transformers, export back to HF and compare bit for bit;
+  transformers (``seq`` tokens per sequence, the verifier's default when
+  absent), export back to HF and compare bit for bit;
 * ``ckpt``: import at one layout, save a megatron distributed checkpoint,
   load it at another layout, compare the logits of both models and export
   the reloaded one bit-exactly;
@@ -51,7 +52,7 @@ def run_convert(s: dict[str, Any], out: Path, pm: Any) -> dict[str, Any]:
 
     parallel = _parallel(s)
     imported = import_hf(s["src"], **_layout(s), pm=pm, parallel=parallel)
-    report = verify(s["src"], imported=imported)
+    report = verify(s["src"], imported=imported, seq=s.get("seq"))
     dst = out / s["name"].replace(" ", "_")
     export_hf(imported.built, imported.plan.config, imported.plan.adapter, dst,
               source_hf_config=imported.plan.hf_config, max_shard_bytes=s.get("shard", 10**9))

@@ -1,6 +1,11 @@
 """Two gloo ranks, one torchrun launch: TP=2 and PP=2 parity for every architecture,
 bit-exact round trips, a TP=2-saved distributed checkpoint loaded at PP=2, and the
-``plugtron convert`` command on two ranks. See hfb_mp_worker.py."""
+``plugtron convert`` command on two ranks. See hfb_mp_worker.py.
+
+The Mamba family's converters (plugtron-mamba) run in the same launch: Mamba2 and
+the hybrid NemotronH at TP=2, whose in_proj ``[z|x|B|C|dt]`` and conv1d ``[x|B|C]``
+are split block by block, with two groups so that B/C and the gated norm really are
+divided group by group, and NemotronH at PP=2."""
 
 from __future__ import annotations
 
@@ -13,10 +18,18 @@ from pathlib import Path
 import pytest
 
 from hfb_helpers import CASES, make_hf
+from plugtron_mamba.hf.tiny import save_tiny_hf
 
 pytestmark = pytest.mark.multiprocess
 
 WORKER = Path(__file__).with_name("hfb_mp_worker.py")
+
+#: Mamba family checkpoints (tiny, float32, 8 heads in 2 groups): name -> (architecture, tiny config options).
+#: The NemotronH pattern has 8 layers, so that PP=2 gives each stage Mamba, attention and MLP layers.
+MAMBA_CASES = {
+    "mamba2": ("Mamba2ForCausalLM", {"vocab": 97}),
+    "nemotron-h": ("NemotronHForCausalLM", {"pattern": "M*-MM-*M"}),
+}
 
 
 def _scenarios(src: dict[str, Path]) -> list[dict]:
@@ -25,6 +38,9 @@ def _scenarios(src: dict[str, Path]) -> list[dict]:
         {"name": "pp2 llama", "kind": "convert", "src": str(src["llama"]), "pp": 2, "shard": 20_000},
         {"name": "pp2 gpt2-tied", "kind": "convert", "src": str(src["gpt2-tied"]), "pp": 2},
         {"name": "pp2 vp2 qwen3-tied", "kind": "convert", "src": str(src["qwen3-tied"]), "pp": 2, "vp": 2},
+        # 21 tokens: not a multiple of the chunk size (8), so the SSD scan's padding runs too.
+        *({"name": f"tp2 {name}", "kind": "convert", "src": str(src[name]), "tp": 2, "seq": 21} for name in MAMBA_CASES),
+        {"name": "pp2 nemotron-h", "kind": "convert", "src": str(src["nemotron-h"]), "pp": 2, "seq": 21},
         {"name": "tp2 llama bf16", "kind": "convert", "src": str(src["llama-bf16"]), "tp": 2},
         {"name": "ckpt tp2 -> pp2", "kind": "ckpt", "src": str(src["llama"]), "save": {"tp": 2}, "load": {"pp": 2}},
         {"name": "ckpt pp2 tied -> tp2", "kind": "ckpt", "src": str(src["qwen3-tied"]), "save": {"pp": 2}, "load": {"tp": 2}},
@@ -42,6 +58,7 @@ def results(tmp_path_factory) -> dict[str, dict]:
     tmp = tmp_path_factory.mktemp("hfb_multirank")
     src = {name: make_hf(tmp / name, arch, tied=tied, vocab=vocab) for name, arch, tied, vocab in CASES}
     src["llama-bf16"] = make_hf(tmp / "llama-bf16", "LlamaForCausalLM", dtype="bfloat16", seed=1)
+    src.update({name: save_tiny_hf(tmp / name, arch, **options) for name, (arch, options) in MAMBA_CASES.items()})
     scenarios = _scenarios(src)
     out, result_file = tmp / "out", tmp / "results.json"
     out.mkdir()
@@ -56,6 +73,7 @@ def results(tmp_path_factory) -> dict[str, dict]:
 
 
 CONVERTS = [f"tp2 {name}" for name, *_ in CASES] + ["pp2 llama", "pp2 gpt2-tied", "pp2 vp2 qwen3-tied"]
+CONVERTS += [f"tp2 {name}" for name in MAMBA_CASES] + ["pp2 nemotron-h"]
 
 
 @pytest.mark.parametrize("name", CONVERTS)

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch.nn.functional as F
 
-from plugtron_hf_bridge.errors import ConversionError, UnsupportedConfigError
+from plugtron_hf_bridge.errors import UnsupportedConfigError
 from plugtron_mamba.hf.adapters import MAMBA2, NEMOTRON_H
 from plugtron_mamba.hf.config import decode_floats
 from plugtron_mamba.hf.tiny import tiny_hf_config
@@ -128,12 +128,25 @@ def test_export_refuses_what_hf_cannot_express(adapter, overrides, field) -> Non
     assert info.value.field == field
 
 
-def test_tensor_parallel_tables_are_refused_until_the_bridge_splits_blocks() -> None:
-    config = MAMBA2.config_from_hf(_hf_dict(MAMBA2))
-    config.tensor_model_parallel_size = 2
-    config.finalize()
-    with pytest.raises(ConversionError, match="block by block"):
-        MAMBA2.tensor_mappings(config)
+@pytest.mark.parametrize("adapter", [MAMBA2, NEMOTRON_H])
+def test_tables_are_full_size_at_any_tensor_parallel_size(adapter) -> None:
+    """The tables describe whole tensors; the bridge cuts each rank's rows with the family's
+    block layout (parity at TP=2: tests/hf_bridge/test_hfb_multirank.py). Only megatron's
+    vocabulary padding depends on TP. TP must divide both the Mamba heads and the groups,
+    and a config that breaks this fails by name."""
+    from plugtron.errors import ConfigError
+
+    def table(tp: int) -> list[tuple]:
+        config = adapter.config_from_hf(_hf_dict(adapter))
+        config.tensor_model_parallel_size = tp
+        config.finalize()
+        vocab = ("embedding.word_embeddings.weight", "output_layer.weight")
+        return [(m.hf_names, m.megatron_name, m.hf_shapes, m.megatron_shape[1:] if m.megatron_name in vocab
+                 else m.megatron_shape) for m in adapter.tensor_mappings(config)]
+
+    assert table(2) == table(1)
+    with pytest.raises(ConfigError, match="divisible by tensor_model_parallel_size=4"):
+        table(4)  # 8 heads, 2 groups
 
 
 def test_converters_are_registered_and_load_through_the_bridge() -> None:

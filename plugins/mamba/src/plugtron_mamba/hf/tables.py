@@ -27,6 +27,13 @@ plus ``backbone.embeddings.weight`` / ``backbone.norm_f.weight`` / ``lm_head.wei
 
 Every transform checks shapes and names the tensor on mismatch, so a config
 that does not fit the checkpoint fails loudly instead of scrambling rows.
+
+The tables describe whole (single-process) tensors at every tensor-parallel
+size. Which rows a TP rank holds is the family builder's business
+(``MambaModelBuilder.tp_row_blocks``, :mod:`plugtron_mamba.tp_layout`): the
+bridge cuts chunk r of every block of ``in_proj`` and ``conv1d`` for rank r and
+joins them back the same way on export (TP=2 parity and bit-exact round trips:
+``tests/hf_bridge/test_hfb_multirank.py``).
 """
 
 from __future__ import annotations
@@ -83,21 +90,6 @@ def rules_for(config: Any) -> list[Rule]:
     return rules
 
 
-def refuse_split_mixers(config: Any) -> None:
-    """Conversion at TP > 1 is refused for models with Mamba layers until it is tested.
-
-    ``in_proj`` is ``[z|x|B|C|dt]`` and ``conv1d`` ``[x|B|C]``: rank r holds chunk r
-    of *every* block (:mod:`plugtron_mamba.tp_layout`). The bridge takes these
-    layouts from ``MambaModelBuilder.tp_row_blocks``, but no multi-rank Mamba
-    conversion test exists yet, so TP > 1 stays refused rather than unverified.
-    """
-    tp = config.transformer_kwargs.get("tensor_model_parallel_size") or 1
-    if tp > 1 and "M" in config.layer_pattern():
-        raise _bridge().errors.ConversionError(
-            f"tensor_model_parallel_size={tp}: Mamba's in_proj/conv1d are split block by block across ranks, and "
-            "converting them at TP > 1 is not verified yet; convert at --tp 1")
-
-
 def _bridge() -> Any:
     import plugtron_hf_bridge.errors
     import plugtron_hf_bridge.mappings
@@ -148,7 +140,6 @@ def _mapping(rule: Rule, s: dict[str, int]) -> Any:
 
 def tensor_mappings(config: Any) -> list[Any]:
     """Every megatron tensor of the model and the HF tensors it is made from (``TensorMapping`` objects)."""
-    refuse_split_mixers(config)
     s = _symbols(config)
     if s["Vp"] < s["V"]:
         raise _bridge().errors.MappingError("word_embeddings", f"padded vocab {s['Vp']} is smaller than vocab {s['V']}")
