@@ -55,7 +55,9 @@ def _verify_parser(commands: Any) -> None:
     parser.add_argument("src", type=Path, help="HF checkpoint directory")
     _layout_args(parser)
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32", help="dtype of both models (default float32)")
-    parser.add_argument("--tolerance", type=float, default=None, help="max abs logits difference (default 1e-4 in float32)")
+    parser.add_argument("--tolerance", type=float, default=None,
+                        help="max abs logits difference from transformers in float32 (default: 1e-4 in float32; "
+                             "in bf16/fp16 twice transformers' own difference in that precision)")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=None, help="tokens per sample (default min(seq_length, 32))")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON line")
@@ -205,7 +207,9 @@ def _verify_report(args: argparse.Namespace, parallel: Any, report: Any) -> int:
         verdict = "OK" if report.ok else "FAILED"
         _say(parallel, f"verify {args.src} ({report.layout}, {report.dtype}, {report.tokens} tokens): "
                        f"max abs logits diff {report.max_abs_diff:.3g} (tolerance {report.tolerance:g}, "
-                       f"logit scale {report.logit_scale:.3g}), cosine {report.cosine:.8f}, "
+                       + (f"transformers' own {report.dtype} diff {report.reference_noise:.3g}, "
+                          if report.reference_noise is not None else "")
+                       + f"logit scale {report.logit_scale:.3g}), cosine {report.cosine:.8f}, "
                        f"top-1 agreement {report.top1_agreement:.2%} -> {verdict}")
     return 0 if report.ok else 1
 
