@@ -30,6 +30,15 @@ well. One cold sample per side therefore measured the host, not the code
 (ratios of 0.28x to 2.44x for the same import code). Outputs of a repeat are
 deleted (untimed) before the next, on every side alike.
 
+Repeats bring their own bias: glibc's malloc raises its mmap threshold after a
+large free, so a later call may get memory that an earlier one already faulted
+in, or may not. Measured in one process, the floor took 0.08-0.35 s with 17k to
+121k page faults for the same read, depending on that luck alone. Every child
+therefore runs with ``MALLOC_MMAP_THRESHOLD_`` fixed at 128 KiB (which also
+turns the dynamic threshold off): every large tensor on every side is fresh
+memory, as in a one-shot conversion, and the fault counts of the sides agree
+(about 121k each for the 250M import).
+
 Peak RSS is reported as the process peak and as the part added by the first
 call (peak minus the resident size just before it, with the kernel's
 high-water mark reset where allowed); the memory target applies to the added
@@ -57,6 +66,8 @@ SHAPES = {"llama-250m": (1024, 16, 16, 4, 2816, 32000), "llama-1b": (2048, 20, 3
 IMPORT_RATIO, RSS_RATIO = 1.5, 1.3
 #: Timed calls after the first (cold) one, per process.
 REPEATS = 3
+#: glibc serves allocations above this size with fresh mmap'd memory on every side (see the docstring).
+FRESH_MEMORY_ABOVE = 128 * 1024
 
 
 # -- child side (fresh interpreter) -------------------------------------------------------------------
@@ -248,7 +259,7 @@ def _child_main(name: str, kwargs: str) -> int:
 def isolated(name: str, **kwargs: Any) -> dict[str, Any]:
     """Run ``name(**kwargs)`` of this file in a fresh interpreter."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-           "HF_HUB_OFFLINE": "1"}
+           "HF_HUB_OFFLINE": "1", "MALLOC_MMAP_THRESHOLD_": str(FRESH_MEMORY_ABOVE)}
     started = time.perf_counter()
     done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", name, json.dumps(kwargs)],
                           capture_output=True, text=True, env=env, timeout=1800)
