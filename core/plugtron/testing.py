@@ -46,6 +46,17 @@ Fixtures:
             pm = register_plugin(plugtron_register_families, name="mine")
             assert pm.family("toy").plugin == "mine"
 
+``plugtron_single_rank`` (module scope)
+    A one-process gloo group with megatron's model-parallel state at TP = PP = 1
+    (:func:`plugtron.runtime.parallel.initialize_parallel`), which megatron's
+    parallel layers need even on one CPU; the value is its ``ParallelContext``.
+    At the end of the module it is torn down, but only if this fixture created
+    the process group (a group an earlier module left behind is reused). ::
+
+        def test_my_family_builds(plugtron_single_rank):
+            built = build_model(my_config, parallel=plugtron_single_rank)
+            assert built.report.params_per_rank[(0, 0)] > 0
+
 Registration is not guarded: a misspelled hook or a duplicate family raises
 :class:`~plugtron.PluginError` right in the test, which is what a plugin's
 own tests want to see.
@@ -68,6 +79,7 @@ __all__ = [
     "plugin_namespace",
     "plugtron_manager",
     "plugtron_manager_factory",
+    "plugtron_single_rank",
     "register_plugin",
 ]
 
@@ -173,3 +185,23 @@ def register_plugin(plugtron_manager: "PlugtronPluginManager") -> Iterator[Calla
     for plugin_name in reversed(registered):
         if plugtron_manager.pm.has_plugin(plugin_name):
             plugtron_manager.unregister(plugin_name)
+
+
+@pytest.fixture(scope="module")
+def plugtron_single_rank() -> Iterator[Any]:
+    """One-rank gloo group + megatron parallel state (TP = PP = 1); see the module docstring."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import torch.distributed as dist
+
+        from plugtron.runtime.parallel import destroy_parallel, initialize_parallel
+
+        if dist.is_initialized() and dist.get_world_size() != 1:
+            pytest.skip("torch.distributed is already initialised with several ranks")
+        created = not dist.is_initialized()
+        context = initialize_parallel(1, 1)
+    yield context
+    if created:
+        destroy_parallel()

@@ -165,3 +165,13 @@ def test_fixtures_are_available_without_a_conftest(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "1 passed" in proc.stdout
+
+
+def test_single_rank_fixture_gives_megatron_a_one_rank_world(plugtron_single_rank):
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    assert dist.get_world_size() == 1 and plugtron_single_rank.world_size == 1
+    assert (plugtron_single_rank.tp, plugtron_single_rank.pp) == (1, 1)
+    assert parallel_state.model_parallel_is_initialized()
+    assert parallel_state.get_tensor_model_parallel_world_size() == 1

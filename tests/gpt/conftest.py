@@ -1,10 +1,8 @@
 """Fixtures for the GPT family tests (CPU, one process).
 
 megatron's parallel layers need torch.distributed and its model-parallel state
-even in one CPU process. ``build_model`` sets both up itself when missing and
-re-initialises model parallelism on every call, so one module-scoped fixture
-that brings up a single-rank gloo group (and tears it down, so test folders
-that manage their own group still can) is all the tests need.
+even in one CPU process: tests take plugtron's own pytest fixture
+``plugtron_single_rank`` (:mod:`plugtron.testing`) for that.
 
 The example configs under ``examples/configs/gpt`` double as the variant list:
 every test that must cover "every variant" is parametrised over those files.
@@ -13,9 +11,8 @@ every test that must cover "every variant" is parametrised over those files.
 from __future__ import annotations
 
 import math
-import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import pytest
 
@@ -41,26 +38,6 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("example", files, ids=[f.stem for f in files])
 
 
-@pytest.fixture(scope="module")
-def gpt_parallel() -> Iterator[Any]:
-    """A single-rank gloo group with TP = PP = 1 for the whole module.
-
-    Torn down afterwards only if this fixture created it: a group that some
-    earlier test left behind belongs to that test's world, not to ours.
-    """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import torch.distributed as dist
-
-        from plugtron.runtime.parallel import destroy_parallel, initialize_parallel
-
-        created = not dist.is_initialized()
-        context = initialize_parallel(1, 1)
-    yield context
-    if created:
-        destroy_parallel()
-
-
 @pytest.fixture
 def tiny_config() -> Callable[..., Any]:
     """``tiny_config(**overrides)`` -> a GPTModelConfig based on :data:`TINY` with SwiGLU."""
@@ -77,7 +54,7 @@ def tiny_config() -> Callable[..., Any]:
 
 
 @pytest.fixture
-def build(gpt_parallel: Any) -> Callable[..., Any]:
+def build(plugtron_single_rank: Any) -> Callable[..., Any]:
     """``build(config, meta=False)`` -> BuiltModel through the shared pipeline.
 
     The module's parallel context is passed in, so ``build_model`` does not
@@ -92,7 +69,7 @@ def build(gpt_parallel: Any) -> Callable[..., Any]:
 
     def run(config: Any, meta: bool = False) -> Any:
         seed_everything(SEED)
-        return build_model(config, parallel=gpt_parallel, options=BuildOptions(meta_device=meta))
+        return build_model(config, parallel=plugtron_single_rank, options=BuildOptions(meta_device=meta))
 
     return run
 

@@ -128,7 +128,7 @@ def test_finalize_accepts(tiny_config, overrides: dict) -> None:
     assert tiny_config(**overrides).finalize().transformer is not None
 
 
-def test_build_model_finalizes_first(tiny_config, gpt_parallel) -> None:
+def test_build_model_finalizes_first(tiny_config, plugtron_single_rank) -> None:
     from plugtron.pipeline import build_model
 
     with pytest.raises(ConfigError, match="mrope_section"):

@@ -42,7 +42,7 @@ def test_example_builds_and_trains_one_step(example: Path, build, train_step) ->
     train_step(built)
 
 
-def test_build_model_sets_up_parallelism_itself(gpt_parallel, train_step) -> None:
+def test_build_model_sets_up_parallelism_itself(plugtron_single_rank, train_step) -> None:
     """Without a parallel context build_model (re-)initialises TP = PP = 1 on the one-rank group."""
     from plugtron.pipeline import build_model
 

@@ -55,7 +55,7 @@ def test_requesting_a_gpu_spec_here_raises(pm, name: str, needs: str) -> None:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only answer")
-def test_build_model_refuses_te_before_building(tiny_config, gpt_parallel) -> None:
+def test_build_model_refuses_te_before_building(tiny_config, plugtron_single_rank) -> None:
     from plugtron.pipeline import build_model
 
     with pytest.raises(LayerSpecError, match="transformer_engine"):

@@ -22,17 +22,6 @@ from hfb_helpers import CASES, bit_exact, make_hf
 
 
 @pytest.fixture(scope="module")
-def rank1() -> Iterator[Any]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from plugtron.runtime.parallel import destroy_parallel, initialize_parallel
-
-        context = initialize_parallel(1, 1)
-    yield context
-    destroy_parallel()
-
-
-@pytest.fixture(scope="module")
 def pm() -> PlugtronPluginManager:
     return PlugtronPluginManager()
 
@@ -50,9 +39,9 @@ def _config_diff(a: Path, b: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("name,arch,tied,vocab", CASES, ids=[c[0] for c in CASES])
-def test_tp1_parity_and_bit_exact_round_trip(tmp_path, rank1, pm, name, arch, tied, vocab) -> None:
+def test_tp1_parity_and_bit_exact_round_trip(tmp_path, plugtron_single_rank, pm, name, arch, tied, vocab) -> None:
     src = make_hf(tmp_path / "hf", arch, tied=tied, vocab=vocab)
-    imported = import_hf(src, pm=pm, parallel=rank1)
+    imported = import_hf(src, pm=pm, parallel=plugtron_single_rank)
     config = imported.plan.config
     assert config.padded_vocab_size() > vocab and config.share_embeddings_and_output_weights == tied
     report = verify(src, imported=imported)
@@ -65,25 +54,25 @@ def test_tp1_parity_and_bit_exact_round_trip(tmp_path, rank1, pm, name, arch, ti
     assert _config_diff(src, tmp_path / "out") == []
 
 
-def test_bf16_stays_bf16_unless_dtype_is_given(tmp_path, rank1, pm) -> None:
+def test_bf16_stays_bf16_unless_dtype_is_given(tmp_path, plugtron_single_rank, pm) -> None:
     src = make_hf(tmp_path / "hf", dtype="bfloat16")
-    imported = import_hf(src, pm=pm, parallel=rank1)
+    imported = import_hf(src, pm=pm, parallel=plugtron_single_rank)
     params = list(unwrap(imported.built.chunks[0]).parameters())
     assert imported.plan.dtype_name == "bfloat16" and {p.dtype for p in params} == {torch.bfloat16}
     assert type(imported.built.chunks[0]).__name__ == "Float16Module"
     export_hf(imported.built, imported.plan.config, imported.plan.adapter, tmp_path / "out",
               source_hf_config=imported.plan.hf_config)
     assert bit_exact(src, tmp_path / "out") == [] and _config_diff(src, tmp_path / "out") == []
-    upcast = import_hf(src, dtype="float32", pm=pm, parallel=rank1)
+    upcast = import_hf(src, dtype="float32", pm=pm, parallel=plugtron_single_rank)
     assert {p.dtype for p in unwrap(upcast.built.chunks[0]).parameters()} == {torch.float32}
     report = verify(src, imported=upcast)  # transformers upcasts the same bf16 values: exact parity
     assert report.max_abs_diff <= 1e-4, report
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_low_precision_verify_is_judged_against_transformers_own_rounding(tmp_path, rank1, pm, dtype) -> None:
+def test_low_precision_verify_is_judged_against_transformers_own_rounding(tmp_path, plugtron_single_rank, pm, dtype) -> None:
     src = make_hf(tmp_path / "hf", dtype=dtype, seed=1)
-    imported = import_hf(src, pm=pm, parallel=rank1)
+    imported = import_hf(src, pm=pm, parallel=plugtron_single_rank)
     report = verify(src, dtype=dtype, imported=imported)
     assert report.ok and report.dtype == dtype, report
     assert 1e-4 < report.reference_noise < 0.05 and report.tolerance == pytest.approx(2 * report.reference_noise)
@@ -97,9 +86,9 @@ def test_low_precision_verify_is_judged_against_transformers_own_rounding(tmp_pa
     assert not broken.ok and broken.max_abs_diff > broken.tolerance, broken
 
 
-def test_megatron_checkpoint_round_trip_with_tokenizer(tmp_path, rank1, pm) -> None:
+def test_megatron_checkpoint_round_trip_with_tokenizer(tmp_path, plugtron_single_rank, pm) -> None:
     src = make_hf(tmp_path / "hf", "Qwen2ForCausalLM", tokenizer=True)
-    imported = import_hf(src, pm=pm, parallel=rank1)
+    imported = import_hf(src, pm=pm, parallel=plugtron_single_rank)
     plan = imported.plan
     assert plan.tokenizer_files == ["tokenizer_config.json", "generation_config.json"]
     meg = save_megatron(tmp_path / "meg", imported.built, plan.config, meta=bridge_meta(plan.architecture, plan.hf_config, plan.config),
@@ -107,7 +96,7 @@ def test_megatron_checkpoint_round_trip_with_tokenizer(tmp_path, rank1, pm) -> N
     assert {p.name for p in meg.iterdir()} == {"plugtron_model.json", "hf_bridge.json", "weights",
                                                  "tokenizer_config.json", "generation_config.json"}
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
-    loaded = load_megatron(meg, pm=pm, parallel=rank1)
+    loaded = load_megatron(meg, pm=pm, parallel=plugtron_single_rank)
     export_hf(loaded.built, loaded.config, plan.adapter, tmp_path / "back", source_hf_config=loaded.meta["hf_config"],
               extra_files=loaded.tokenizer_files)
     assert bit_exact(src, tmp_path / "back") == [] and (tmp_path / "back" / "tokenizer_config.json").is_file()
@@ -118,9 +107,9 @@ def _leftovers(directory: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
-def test_interrupted_export_leaves_no_destination_and_no_temp_dir(tmp_path, rank1, pm, monkeypatch, error) -> None:
+def test_interrupted_export_leaves_no_destination_and_no_temp_dir(tmp_path, plugtron_single_rank, pm, monkeypatch, error) -> None:
     src = make_hf(tmp_path / "hf", "GPT2LMHeadModel")
-    imported = import_hf(src, pm=pm, parallel=rank1)
+    imported = import_hf(src, pm=pm, parallel=plugtron_single_rank)
     real = exporter.export_tensors
 
     def failing(*args: Any, **kwargs: Any) -> Iterator[Any]:
@@ -135,11 +124,11 @@ def test_interrupted_export_leaves_no_destination_and_no_temp_dir(tmp_path, rank
     assert _leftovers(tmp_path) == []
 
 
-def test_failed_megatron_save_leaves_nothing(tmp_path, rank1, pm, monkeypatch) -> None:
+def test_failed_megatron_save_leaves_nothing(tmp_path, plugtron_single_rank, pm, monkeypatch) -> None:
     from megatron.core import dist_checkpointing
 
     src = make_hf(tmp_path / "hf")
-    imported = import_hf(src, pm=pm, parallel=rank1)
+    imported = import_hf(src, pm=pm, parallel=plugtron_single_rank)
     plan = imported.plan
 
     def broken(*args: Any, **kwargs: Any) -> None:

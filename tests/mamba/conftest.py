@@ -1,9 +1,8 @@
 """Fixtures for the Mamba tests (mixer and family).
 
 megatron's parallel layers need ``torch.distributed`` and megatron's model-parallel
-state even on one CPU process, so a module-scoped fixture brings up a one-rank
-gloo group with TP = PP = 1 and tears both down afterwards (only what it
-created: a one-rank group some earlier test folder left behind is reused).
+state even on one CPU process: tests take plugtron's own pytest fixture
+``plugtron_single_rank`` (:mod:`plugtron.testing`) for that.
 
 Family tests build through the shared pipeline with :func:`build` on a tiny
 hybrid config (:data:`TINY`, pattern ``M*M-``) that they override per test.
@@ -11,47 +10,15 @@ hybrid config (:data:`TINY`, pattern ``M*M-``) that they override per test.
 
 from __future__ import annotations
 
-import socket
 import warnings
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import pytest
 import torch
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
-def megatron_single_rank() -> Iterator[None]:
-    """Initialise a 1-process gloo group and megatron parallel state (TP=PP=1)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from megatron.core import parallel_state
-
-    created = not torch.distributed.is_initialized()
-    if not created and torch.distributed.get_world_size() != 1:
-        pytest.skip("torch.distributed already initialised with several ranks by another test module")
-    if created:
-        torch.distributed.init_process_group(
-            "gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{_free_port()}"
-        )
-    try:
-        if parallel_state.model_parallel_is_initialized():
-            parallel_state.destroy_model_parallel()
-        parallel_state.initialize_model_parallel(1, 1)
-        yield
-    finally:
-        parallel_state.destroy_model_parallel()
-        if created:
-            torch.distributed.destroy_process_group()
-
-
-@pytest.fixture(scope="module")
-def make_mixer(megatron_single_rank: None) -> Callable[..., Any]:
+def make_mixer(plugtron_single_rank: Any) -> Callable[..., Any]:
     """Factory building a small float32 TorchMambaMixer on CPU.
 
     Defaults: d_model 64, d_state 16, headdim 16, ngroups 2, expand 2 (so
@@ -109,20 +76,6 @@ TINY: dict[str, Any] = dict(
 
 
 @pytest.fixture(scope="module")
-def mamba_parallel() -> Iterator[Any]:
-    """A single-rank gloo group with TP = PP = 1 for the module (torn down if created here)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from plugtron.runtime.parallel import destroy_parallel, initialize_parallel
-
-        created = not torch.distributed.is_initialized()
-        context = initialize_parallel(1, 1)
-    yield context
-    if created:
-        destroy_parallel()
-
-
-@pytest.fixture(scope="module")
 def tiny_config() -> Callable[..., Any]:
     """``tiny_config(**overrides)`` -> a MambaModelConfig based on :data:`TINY`."""
     from plugtron_mamba.config import MambaModelConfig
@@ -134,7 +87,7 @@ def tiny_config() -> Callable[..., Any]:
 
 
 @pytest.fixture(scope="module")
-def build(mamba_parallel: Any) -> Callable[..., Any]:
+def build(plugtron_single_rank: Any) -> Callable[..., Any]:
     """``build(config, meta=False)`` -> BuiltModel through the shared pipeline, re-seeded per call."""
     from plugtron import BuildOptions
     from plugtron.pipeline import build_model
@@ -142,6 +95,6 @@ def build(mamba_parallel: Any) -> Callable[..., Any]:
 
     def run(config: Any, meta: bool = False) -> Any:
         seed_everything(SEED)
-        return build_model(config, parallel=mamba_parallel, options=BuildOptions(meta_device=meta))
+        return build_model(config, parallel=plugtron_single_rank, options=BuildOptions(meta_device=meta))
 
     return run

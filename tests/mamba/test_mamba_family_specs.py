@@ -80,13 +80,13 @@ def test_really_unavailable_here_is_reported_by_the_real_check():
         assert not result.ok and result.reason
 
 
-def test_build_with_mamba_ssm_requested_fails_before_any_tensor(tiny_config, mamba_parallel):
+def test_build_with_mamba_ssm_requested_fails_before_any_tensor(tiny_config, plugtron_single_rank):
     if specs.mamba_ssm_available().ok:
         pytest.skip("this machine can run the mamba_ssm spec")
     from plugtron.pipeline import build_model
 
     with pytest.raises(LayerSpecError, match="mamba_ssm"):
-        build_model(tiny_config(layer_spec="mamba_ssm"), parallel=mamba_parallel)
+        build_model(tiny_config(layer_spec="mamba_ssm"), parallel=plugtron_single_rank)
 
 
 def test_named_torch_spec_builds(tiny_config, build):

@@ -54,14 +54,14 @@ def _config_diff(a: Path, b: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_engine_import_verify_export(tmp_path, mamba_parallel, pm, case) -> None:
+def test_engine_import_verify_export(tmp_path, plugtron_single_rank, pm, case) -> None:
     from plugtron_hf_bridge.exporter import export_hf
     from plugtron_hf_bridge.importer import import_hf
     from plugtron_hf_bridge.verify import verify
 
     arch, kwargs = CASES[case]
     src = save_tiny_hf(tmp_path / "hf", arch, **kwargs)
-    imported = import_hf(src, pm=pm, parallel=mamba_parallel)
+    imported = import_hf(src, pm=pm, parallel=plugtron_single_rank)
     assert imported.plan.config.family == "mamba" and imported.plan.architecture == arch
     report = verify(src, imported=imported, dtype=imported.plan.dtype_name)
     assert report.ok and report.top1_agreement >= 0.9, report

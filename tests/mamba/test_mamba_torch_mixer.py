@@ -209,7 +209,7 @@ def test_sharded_state_dict_uses_megatron_keys(make_mixer: MixerFactory) -> None
     assert torch.equal(merged, mixer.in_proj.weight)
 
 
-def test_plugs_into_megatron_mamba_layer(megatron_single_rank: None) -> None:
+def test_plugs_into_megatron_mamba_layer(plugtron_single_rank: Any) -> None:
     """megatron's MambaLayer builds the mixer from a ModuleSpec with its own keyword
     set (d_model, layer_number, pg_collection, pp_layer_offset)."""
     import warnings
