@@ -145,3 +145,20 @@ def test_sources_do_not_import_gpu_kernel_packages() -> None:
                 continue
             for name in names:
                 assert name.split(".")[0] not in forbidden, f"{path.name} imports {name}"
+
+
+def test_chunk_recurrence_matches_its_definition_and_gradcheck() -> None:
+    from plugtron_mamba.torch_impl.recurrence import chunk_recurrence
+
+    gen = torch.Generator().manual_seed(7)
+    decay = torch.rand(2, 5, 3, 1, generator=gen, dtype=torch.float64)
+    states = torch.randn(2, 5, 3, 4, generator=gen, dtype=torch.float64)
+    initial = torch.randn(2, 3, 4, generator=gen, dtype=torch.float64)
+    entering, final = chunk_recurrence(decay, states, initial)
+    state = initial
+    for z in range(5):
+        torch.testing.assert_close(entering[:, z], state, atol=1e-12, rtol=0)
+        state = decay[:, z] * state + states[:, z]
+    torch.testing.assert_close(final, state, atol=1e-12, rtol=0)
+    leaves = [t.clone().requires_grad_(True) for t in (decay, states, initial)]
+    assert torch.autograd.gradcheck(chunk_recurrence, leaves)

@@ -27,6 +27,8 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from .recurrence import chunk_recurrence
+
 __all__ = ["ssd_chunked", "ssd_sequential_reference"]
 
 SSDResult = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
@@ -132,13 +134,16 @@ def ssd_chunked(
     Cc = C.view(b, c, q, g, n).transpose(2, 3)
 
     y = _within_chunks(cs, x_dt, Bc, Cc, g)  # [b, c, g, q, r, p]
-    states = _chunk_states(cs, x_dt, Bc, g)  # [b, h, c, p*n], each chunk from a zero state
-    entering, final = _pass_states(cs, states, initial_states, return_final_states)
+    states = _chunk_states(cs, x_dt, Bc, g)  # [b, c, h, p*n], each chunk from a zero state
+    across = torch.exp(cs[..., -1:])  # [b, c, h, 1] decay across each chunk
+    init = None if initial_states is None else initial_states.to(cdt).reshape(b, h, p * n)
+    entering, final = chunk_recurrence(across, states, init)
     y = y + _from_entering_states(cs, entering, Cc, g)
 
     y = y.transpose(2, 3).reshape(b, c * q, h, p)[:, :l]
     if D is not None:
-        y = y + _skip_connection(x[:, :l], D.to(cdt))
+        D = D.to(cdt)
+        y = torch.addcmul(y, x[:, :l], D[:, None] if D.dim() == 1 else D)
     y = y.to(x_in.dtype)
     if return_final_states:
         return y, final.reshape(b, h, p, n)
@@ -158,35 +163,13 @@ def _within_chunks(cs: torch.Tensor, x_dt: torch.Tensor, Bc: torch.Tensor, Cc: t
 
 
 def _chunk_states(cs: torch.Tensor, x_dt: torch.Tensor, Bc: torch.Tensor, g: int) -> torch.Tensor:
-    """State each chunk produces from a zero start: sum_j exp(cs_end - cs_j) x_dt_j B_j^T, ``[b, h, c, p*n]``."""
+    """State each chunk produces from a zero start: sum_j exp(cs_end - cs_j) x_dt_j B_j^T, ``[b, c, h, p*n]``."""
     b, c, h, q = cs.shape
     p, n = x_dt.shape[-1], Bc.shape[-1]
     to_end = torch.exp(cs[..., -1:] - cs).transpose(2, 3).unsqueeze(-1)  # [b, c, q, h, 1]
     weighted = (x_dt * to_end).view(b, c, q, g, (h // g) * p).permute(0, 1, 3, 4, 2)  # [b, c, g, r*p, q]
     states = torch.matmul(weighted, Bc)  # [b, c, g, r*p, n]
-    return states.view(b, c, h, p * n).transpose(1, 2)
-
-
-def _pass_states(cs: torch.Tensor, states: torch.Tensor, initial: Optional[torch.Tensor],
-                 want_final: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """States entering every chunk (``[b, h, c, p*n]``) and, if asked, the state after the last one.
-
-    The state entering chunk z is sum_{s<z} exp(T_{z-1} - T_s) states_s (T: cumulative
-    chunk decays), plus the decayed initial state: one small causal matmul over chunks.
-    """
-    b, c, h, _ = cs.shape
-    totals = cs[..., -1].transpose(1, 2)  # [b, h, c] log-decay across each chunk
-    after = totals.cumsum(-1)  # up to the end of chunk s
-    before = F.pad(after, (1, 0))[..., :-1]  # up to the start of chunk z
-    earlier = torch.ones(c, c, dtype=torch.bool, device=cs.device).tril(-1)
-    mix = torch.exp((before.unsqueeze(-1) - after.unsqueeze(-2)).masked_fill(~earlier, float("-inf")))
-    entering = torch.matmul(mix, states)
-    if initial is not None:
-        entering = entering + torch.exp(before).unsqueeze(-1) * initial.to(states.dtype).reshape(b, h, 1, -1)
-    final = None
-    if want_final:
-        final = torch.exp(totals[..., -1:]).unsqueeze(-1) * entering[:, :, -1:] + states[:, :, -1:]
-    return entering, final
+    return states.view(b, c, h, p * n)
 
 
 def _from_entering_states(cs: torch.Tensor, entering: torch.Tensor, Cc: torch.Tensor, g: int) -> torch.Tensor:
@@ -194,7 +177,7 @@ def _from_entering_states(cs: torch.Tensor, entering: torch.Tensor, Cc: torch.Te
     b, c, h, q = cs.shape
     r, n = h // g, Cc.shape[-1]
     p = entering.shape[-1] // n
-    state = entering.reshape(b, g, r, c, p, n).permute(0, 3, 1, 5, 2, 4).reshape(b, c, g, n, r * p)
+    state = entering.view(b, c, g, r * p, n).transpose(-1, -2)  # [b, c, g, n, r*p]: a transposed view, no copy
     y = torch.matmul(Cc, state).view(b, c, g, q, r, p)
     return y * torch.exp(cs).view(b, c, g, r, q).transpose(3, 4).unsqueeze(-1)
 
