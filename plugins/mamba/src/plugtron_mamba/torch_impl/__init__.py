@@ -1,6 +1,7 @@
 """Pure-PyTorch Mamba-2 building blocks (no Triton, mamba_ssm or causal_conv1d).
 
-* :func:`ssd_chunked` / :func:`ssd_sequential_reference` - the Mamba-2 scan.
+* :func:`ssd_chunked` / :func:`ssd_sequential_reference` - the Mamba-2 scan
+  (``recurrence`` holds its chunk-to-chunk state hand-over and that step's backward).
 * :class:`GatedRMSNorm` - grouped RMSNorm with SiLU gate (mamba_ssm semantics).
 * :class:`TorchMambaMixer` - megatron-core ``MambaMixer`` replacement with an
   identical parameter layout, for CPU runs, tests and reference numerics.

@@ -12,9 +12,10 @@ The recurrence being computed, per batch element and head, is::
 
 ``ssd_chunked`` evaluates it the SSD way: the sequence is cut into chunks of
 ``chunk_size`` steps; inside a chunk the output is a masked, decay-weighted
-"attention" product (quadratic in the chunk length, but a few large einsums), and
+"attention" product (quadratic in the chunk length, but a few batched matmuls), and
 chunks talk to each other only through the state at chunk boundaries.  Every
-chunk is processed at once, so there is no Python loop over time.
+chunk is processed at once; the only loop is the short one over chunks that hands
+the state on (:mod:`.recurrence`), never one over time steps.
 
 ``ssd_sequential_reference`` is the literal step-by-step recurrence.  It is slow
 and exists to pin down the semantics in tests.
@@ -116,7 +117,7 @@ def ssd_chunked(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     b, l, h, p, g, n = _check_shapes(x, dt, A, B, C, D, initial_states)
-    r, q = h // g, chunk_size
+    q = chunk_size
     cdt = torch.promote_types(x.dtype, torch.float32)
     x_in = x
     x, dt, B, C = (t.to(cdt) for t in (x, dt, B, C))
