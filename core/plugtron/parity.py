@@ -176,7 +176,7 @@ def run_scenario(ref: dict, scenario: dict) -> dict:
     from plugtron.config import from_dict
     from plugtron.manager import PlugtronPluginManager
     from plugtron.pipeline import build_model
-    from plugtron.runtime.parallel import initialize_parallel
+    from plugtron.runtime.parallel import initialize_parallel, live_process_groups
     from plugtron.sharding import unwrap
     from plugtron.training import forward_backward
 
@@ -187,6 +187,7 @@ def run_scenario(ref: dict, scenario: dict) -> dict:
     config.virtual_pipeline_model_parallel_size = vp
     config.sequence_parallel = bool(scenario.get("sp"))
     parallel = initialize_parallel(tp, pp, vp, timeout_s=120)
+    groups = len(live_process_groups())
     pm.register(_LoadReference(ref["state"]), name="load-reference")
     options = BuildOptions(wrap=scenario.get("wrap", "none"), print_report=False)
     built = build_model(config, parallel=parallel, options=options, pm=pm)
@@ -209,6 +210,7 @@ def run_scenario(ref: dict, scenario: dict) -> dict:
         "worst": max(gathered, key=lambda g: g[2])[3],
         "params_checked": sum(g[4] for g in gathered),
         "checkpoint_keys_match": set().union(*(g[5] for g in gathered)) == set(ref["state"]),
+        "process_groups": groups,  # rank 0's, right after initialising this layout
     }
 
 

@@ -62,3 +62,9 @@ def test_gloo_interleaved_trap_is_real_and_avoided(layout_results):
     plugtron's default (separate sends) is what makes the VP scenario exact."""
     trap = layout_results["pp=2 vp=2 batch_p2p (the gloo trap)"]
     assert trap["max_grad_diff"] > 1e-4 or abs(trap["loss"] - trap["ref_loss"]) > 1e-5, trap
+
+
+def test_switching_layouts_does_not_leak_process_groups(layout_results):
+    """Four layouts in one process: megatron's groups of the previous layout are destroyed."""
+    counts = {name: result["process_groups"] for name, result in layout_results.items()}
+    assert len(set(counts.values())) == 1 and min(counts.values()) > 1, counts

@@ -71,16 +71,29 @@ def _init_process_group(backend: str, timeout: datetime.timedelta) -> None:
     )
 
 
-_current_layout: dict[str, tuple] = {}
+_current_layout: dict[str, Any] = {}
+
+
+def live_process_groups() -> set:
+    """The process groups torch.distributed holds for this rank (empty before init).
+
+    Reads ``distributed_c10d._world.pg_map``, a private table: torch is pinned
+    (``torch==2.13.0``), and there is no public way to list groups.
+    """
+    from torch.distributed import distributed_c10d
+
+    return set(distributed_c10d._world.pg_map)
 
 
 def _initialize_groups(tp: int, pp: int, vp: int | None, cp: int, timeout_s: float) -> None:
     """megatron's groups for this layout, reused when the layout is unchanged.
 
     ``destroy_model_parallel`` forgets megatron's groups without destroying
-    them, so re-creating them for every build leaks ~17 groups (threads, file
-    descriptors) per build; reuse avoids that for the common case.
+    them: re-creating them for another layout would leak ~17 groups (threads,
+    file descriptors) per switch. So the groups megatron creates are noted and
+    destroyed when the layout changes, and kept when it does not.
     """
+    import torch.distributed as dist
     from megatron.core import parallel_state
 
     layout = (tp, pp, vp, cp)
@@ -88,6 +101,10 @@ def _initialize_groups(tp: int, pp: int, vp: int | None, cp: int, timeout_s: flo
         if _current_layout.get("layout") == layout:
             return
         parallel_state.destroy_model_parallel()
+        for group in _current_layout.pop("groups", ()):
+            if group in live_process_groups():
+                dist.destroy_process_group(group)
+    before = live_process_groups()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
@@ -95,7 +112,7 @@ def _initialize_groups(tp: int, pp: int, vp: int | None, cp: int, timeout_s: flo
         context_parallel_size=cp,
         distributed_timeout_minutes=max(1, int(timeout_s // 60)),
     )
-    _current_layout["layout"] = layout
+    _current_layout.update(layout=layout, groups=live_process_groups() - before)
 
 
 def initialize_parallel(
