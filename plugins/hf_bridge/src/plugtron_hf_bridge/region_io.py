@@ -5,8 +5,9 @@ page it touches stays in the process's resident set (as file-backed memory)
 until the handle closes: importing a model that way peaks at about twice the
 checkpoint size. Here each region is mapped on its own, copied into the
 destination parameter (cast, transposed or column-sliced on the way when the
-mapping asks for it) and unmapped at once, so at most one region's file pages
-(a bounded block of rows) are resident beside the model.
+mapping asks for it) and unmapped at once, a block of whole rows of at most
+``chunk_bytes`` (64 MiB) at a time, so at most that much of the file's pages is
+resident beside the model.
 
 Why map at all rather than ``readinto`` the parameter's memory? Measured here,
 ``readinto`` into freshly allocated (not yet touched) memory took 0.10-0.12 s
@@ -31,7 +32,7 @@ from .errors import CheckpointFormatError, MappingError
 from .safetensors_io import SafetensorsCheckpoint, TensorInfo
 
 Span = tuple[int, int]
-_CHUNK_BYTES = 64 * 2**20  # bound on the rows mapped at once for column reads
+_CHUNK_BYTES = 64 * 2**20  # bound on the rows mapped at once
 
 
 class RegionReader:
@@ -73,18 +74,23 @@ class RegionReader:
             raise MappingError(name, f"region rows {rows} cols {cols} has shape {shape}; the destination is {tuple(out.shape)}")
         if math.prod(shape) == 0:
             return
-        if cols is not None and (cols[0] > 0 or cols[1] < info.shape[1]):
-            self._read_columns(info, name, rows, cols, out, transpose)
-            return
-        if not transpose and out.dtype == info.dtype and out.is_contiguous():
-            flat = out.reshape(-1).view(torch.uint8)
-            self._copy_rows(info, name, rows[0], rows[1] - rows[0], flat.copy_)
-        else:
-            def cast(source: torch.Tensor) -> None:
-                region = source.view(info.dtype).view(shape)
-                out.copy_(region.t() if transpose else region)
+        full_rows = cols is None or (cols[0] == 0 and cols[1] == info.shape[1])
+        raw = full_rows and not transpose and out.dtype == info.dtype and out.is_contiguous()
+        rows_out = out if out.dim() else out.reshape(1)  # a scalar is one row
 
-            self._copy_rows(info, name, rows[0], rows[1] - rows[0], cast)
+        def copy(source: torch.Tensor, lo: int, hi: int) -> None:
+            if raw:  # bytes straight into the parameter
+                rows_out[lo:hi].reshape(-1).view(torch.uint8).copy_(source)
+                return
+            block = source.view(info.dtype).view(hi - lo, *info.shape[1:])
+            if not full_rows:
+                block = block[:, cols[0]:cols[1]]
+            if transpose and block.dim() == 2:
+                out[:, lo:hi].copy_(block.t())
+            else:
+                rows_out[lo:hi].copy_(block)
+
+        self._for_row_blocks(info, name, rows, copy)
 
     # -- internals --------------------------------------------------------------------------------
     def _handle(self, path: Path) -> IO[bytes]:
@@ -121,23 +127,15 @@ class RegionReader:
             except BufferError:  # an exception's traceback still holds the tensor; the mapping goes with it
                 pass
 
-    def _read_columns(self, info: TensorInfo, name: str, rows: Span, cols: Span, out: torch.Tensor,
-                      transpose: bool) -> None:
-        """Columns of a 2-D tensor, a bounded block of whole rows mapped at a time."""
-        row_bytes = info.shape[1] * info.dtype.itemsize
+    def _for_row_blocks(self, info: TensorInfo, name: str, rows: Span,
+                        copy: Callable[[torch.Tensor, int, int], None]) -> None:
+        """``copy(bytes, lo, hi)`` for blocks of whole rows of at most ``chunk_bytes`` (lo/hi: region rows)."""
+        row_bytes = math.prod(info.shape[1:]) * info.dtype.itemsize
         block = max(1, self.chunk_bytes // max(row_bytes, 1))
         for start in range(rows[0], rows[1], block):
             stop = min(rows[1], start + block)
             lo, hi = start - rows[0], stop - rows[0]
-
-            def copy(source: torch.Tensor, lo: int = lo, hi: int = hi, count: int = stop - start) -> None:
-                part = source.view(info.dtype).view(count, info.shape[1])[:, cols[0]:cols[1]]
-                if transpose:
-                    out[:, lo:hi].copy_(part.t())
-                else:
-                    out[lo:hi].copy_(part)
-
-            self._copy_rows(info, name, start, stop - start, copy)
+            self._copy_rows(info, name, start, stop - start, lambda source, lo=lo, hi=hi: copy(source, lo, hi))
 
 
 def _region_shape(info: TensorInfo, rows: Span, cols: Span | None) -> tuple[int, ...]:
