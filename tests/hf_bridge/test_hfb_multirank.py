@@ -5,7 +5,8 @@ bit-exact round trips, a TP=2-saved distributed checkpoint loaded at PP=2, and t
 The Mamba family's converters (plugtron-mamba) run in the same launch: Mamba2 and
 the hybrid NemotronH at TP=2, whose in_proj ``[z|x|B|C|dt]`` and conv1d ``[x|B|C]``
 are split block by block, with two groups so that B/C and the gated norm really are
-divided group by group, and NemotronH at PP=2."""
+divided group by group, and NemotronH at PP=2 and through a distributed checkpoint
+saved at TP=2 and loaded at PP=2."""
 
 from __future__ import annotations
 
@@ -44,6 +45,8 @@ def _scenarios(src: dict[str, Path]) -> list[dict]:
         {"name": "tp2 llama bf16", "kind": "convert", "src": str(src["llama-bf16"]), "tp": 2},
         {"name": "ckpt tp2 -> pp2", "kind": "ckpt", "src": str(src["llama"]), "save": {"tp": 2}, "load": {"pp": 2}},
         {"name": "ckpt pp2 tied -> tp2", "kind": "ckpt", "src": str(src["qwen3-tied"]), "save": {"pp": 2}, "load": {"tp": 2}},
+        {"name": "ckpt nemotron-h tp2 -> pp2", "kind": "ckpt", "src": str(src["nemotron-h"]), "save": {"tp": 2},
+         "load": {"pp": 2}},
         {"name": "cli convert tp2", "kind": "cli",
          "argv": ["convert", str(src["mistral"]), "OUT/cli-meg", "--to", "megatron", "--tp", "2", "--verify", "--no-progress"]},
         {"name": "cli export pp2", "kind": "cli",
@@ -90,7 +93,7 @@ def test_bf16_checkpoint_stays_bf16_at_tp2(results):
     assert r["top1"] >= 0.9 and r["cosine"] > 0.999, r
 
 
-@pytest.mark.parametrize("name", ["ckpt tp2 -> pp2", "ckpt pp2 tied -> tp2"])
+@pytest.mark.parametrize("name", ["ckpt tp2 -> pp2", "ckpt pp2 tied -> tp2", "ckpt nemotron-h tp2 -> pp2"])
 def test_distributed_checkpoint_loads_at_another_layout(results, name):
     r = results[name]
     assert r["logits_diff"] <= 1e-5, r

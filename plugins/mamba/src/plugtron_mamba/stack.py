@@ -63,6 +63,7 @@ class HybridStack(MegatronModule):
         if pg_collection is None:
             raise ValueError("HybridStack needs pg_collection")
         self.pre_process, self.post_process, self.vp_stage = pre_process, post_process, vp_stage
+        self.tp_group = pg_collection.tp
         self.input_tensor: Optional[Tensor] = None  # set by the pipeline schedules on later stages
         self.pattern = pattern
         pp_rank = pg_collection.pp.rank()
@@ -124,7 +125,10 @@ class HybridStack(MegatronModule):
             result.update(layer_sd)
         for name, module in self.named_children():
             if module is not self.layers:
-                result.update(sharded_state_dict_default(module, f"{prefix}{name}.", sharded_offsets, metadata))
+                # tp_group explicitly: megatron 0.16.1 derives it only when metadata carries no dp_cp_group,
+                # and otherwise marks the replicated final norm as main replica on every TP rank (save refused)
+                result.update(sharded_state_dict_default(module, f"{prefix}{name}.", sharded_offsets, metadata,
+                                                         tp_group=self.tp_group))
         return result
 
 
