@@ -77,12 +77,15 @@ _current_layout: dict[str, Any] = {}
 def live_process_groups() -> set:
     """The process groups torch.distributed holds for this rank (empty before init).
 
-    Reads ``distributed_c10d._world.pg_map``, a private table: torch is pinned
-    (``torch==2.13.0``), and there is no public way to list groups.
+    Reads ``distributed_c10d._world.pg_map``, a private table (there is no public
+    way to list groups; checked on torch 2.13.0). Where a torch release lacks it,
+    this returns an empty set: groups are then left alive on a layout change, as
+    megatron itself leaves them, instead of failing.
     """
     from torch.distributed import distributed_c10d
 
-    return set(distributed_c10d._world.pg_map)
+    world = getattr(distributed_c10d, "_world", None)
+    return set(getattr(world, "pg_map", None) or ())
 
 
 def _initialize_groups(tp: int, pp: int, vp: int | None, cp: int, timeout_s: float) -> None:
