@@ -19,7 +19,7 @@ import time
 import traceback
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -32,6 +32,23 @@ class BenchError(RuntimeError):
 
 def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
+
+
+def build_summary(shape: str, mine: list[dict[str, Any]], ref: list[dict[str, Any]],
+                  rss: Callable[[list[float]], float] = median) -> dict[str, Any]:
+    """What every build comparison reports: median seconds, the samples, peak RSS reduced by ``rss``
+    and whether both sides built the same number of parameters."""
+    return {
+        "shape": shape,
+        "plugtron_s": median([r["seconds"] for r in mine]),
+        "direct_s": median([r["seconds"] for r in ref]),
+        "plugtron_samples": [r["seconds"] for r in mine],
+        "direct_samples": [r["seconds"] for r in ref],
+        "plugtron_rss_mb": rss([r["peak_rss_mb"] for r in mine]),
+        "direct_rss_mb": rss([r["peak_rss_mb"] for r in ref]),
+        "params": mine[0]["params"],
+        "same_params": all(r["params"] == ref[0]["params"] for r in mine + ref),
+    }
 
 
 def peak_rss_mb() -> float:

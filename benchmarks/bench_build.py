@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from _measure import Stopwatch, alternate, median
+from _measure import Stopwatch, alternate, build_summary, median
 
 
 def _prepare(plugtron: bool) -> Any:
@@ -107,16 +107,8 @@ def meta_materialised(shape: str, repeats: int, forked: bool = True) -> dict[str
 
 def _summary(shape: str, mine: list[dict[str, Any]], ref: list[dict[str, Any]]) -> dict[str, Any]:
     return {
-        "shape": shape,
-        "plugtron_s": median([r["seconds"] for r in mine]),
-        "direct_s": median([r["seconds"] for r in ref]),
-        "plugtron_samples": [r["seconds"] for r in mine],
-        "direct_samples": [r["seconds"] for r in ref],
-        "plugtron_rss_mb": median([r["peak_rss_mb"] for r in mine]),
-        "direct_rss_mb": median([r["peak_rss_mb"] for r in ref]),
+        **build_summary(shape, mine, ref),
         "plugtron_construct_s": median([r["construct_seconds"] for r in mine]),
         "pipeline_overhead_s": median([r["seconds"] - r["construct_seconds"] for r in mine]),
         "inprocess_ratio": median([r["seconds"] / r["construct_seconds"] for r in mine]),
-        "params": mine[0]["params"],
-        "same_params": all(r["params"] == ref[0]["params"] for r in mine + ref),
     }

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from _measure import Stopwatch, alternate, current_rss_mb, median, peak_rss_mb, reset_peak_rss
+from _measure import Stopwatch, alternate, build_summary, current_rss_mb, median, peak_rss_mb, reset_peak_rss
 
 
 def _prepare(plugtron: bool) -> Any:
@@ -81,16 +81,8 @@ def compare(shape: str, repeats: int) -> dict[str, Any]:
     runs = alternate([("plugtron", "bench_meta:worker_plugtron"), ("direct", "bench_meta:worker_direct")], repeats, shape=shape)
     mine, ref = runs["plugtron"], runs["direct"]
     return {
-        "shape": shape,
-        "plugtron_s": median([r["seconds"] for r in mine]),
-        "direct_s": median([r["seconds"] for r in ref]),
-        "plugtron_samples": [r["seconds"] for r in mine],
-        "direct_samples": [r["seconds"] for r in ref],
-        "plugtron_rss_mb": max(r["peak_rss_mb"] for r in mine),
-        "direct_rss_mb": max(r["peak_rss_mb"] for r in ref),
+        **build_summary(shape, mine, ref, rss=max),  # the largest peak: the target is a bound
         "plugtron_construct_rss_mb": max(r["construct_rss_mb"] for r in mine),
         "plugtron_rss_before_mb": median([r["rss_before_mb"] for r in mine]),
-        "params": mine[0]["params"],
-        "same_params": all(r["params"] == ref[0]["params"] for r in mine + ref),
         "all_meta": all(r["all_meta"] for r in mine + ref),
     }
