@@ -100,13 +100,18 @@ def test_long_strongly_decaying_sequence_stays_finite() -> None:
     torch.testing.assert_close(y, y_ref, atol=1e-10, rtol=0)
 
 
-def test_gradients_match_reference() -> None:
-    base = _inputs(11, seed=5)
-    names = ["x", "dt", "A", "B", "C", "D", "initial_states"]
+@pytest.mark.parametrize(
+    "length,chunk,groups,D_shape,with_init",
+    [(11, 4, 2, "heads", True), (1, 4, 1, None, False), (16, 8, 4, "channels", True), (9, 3, 1, "channels", False)],
+)
+def test_gradients_match_reference(length: int, chunk: int, groups: int, D_shape: Optional[str], with_init: bool) -> None:
+    """The scan's hand-written backward against autograd through the recurrence (float64)."""
+    base = _inputs(length, seed=5, groups=groups, D_shape=D_shape, with_init=with_init)
+    names = [k for k in ("x", "dt", "A", "B", "C", "D", "initial_states") if base[k] is not None]
     grads = []
     for fn in (ssd_chunked, ssd_sequential_reference):
         leaves = {k: base[k].clone().requires_grad_(True) for k in names}
-        y, state = fn(**leaves, chunk_size=4, return_final_states=True)
+        y, state = fn(**{**base, **leaves}, chunk_size=chunk, return_final_states=True)
         (y.square().sum() + state.sum()).backward()
         grads.append({k: leaves[k].grad for k in names})
     for k in names:

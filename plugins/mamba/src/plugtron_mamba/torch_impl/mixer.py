@@ -23,7 +23,6 @@ import warnings
 from typing import Any, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from megatron.core.process_groups_config import ProcessGroupCollection
@@ -40,7 +39,7 @@ from .params import (
     mark_tensor_parallel,
     rng_fork,
 )
-from .ssd import ssd_chunked
+from .inner import InnerShape, conv_scan_norm
 
 __all__ = ["TorchMambaMixer", "TorchMambaMixerSubmodules"]
 
@@ -252,40 +251,26 @@ class TorchMambaMixer(MegatronModule):
 
     def _ssm(self, zxbcdt: torch.Tensor) -> torch.Tensor:
         """Conv + scan + gated norm on this rank's slice: ``[s, b, in_proj_local]`` to
-        ``[s, b, d_inner_local]``."""
-        seqlen = zxbcdt.shape[0]
-        zxbcdt = zxbcdt.transpose(0, 1)  # [b, s, ...]: the scan wants batch first
-        batch = zxbcdt.shape[0]
-        d_in, n, g = self.d_inner_local_tp, self.d_state, self.ngroups_local_tp
-        z, xbc, dt = torch.split(zxbcdt, [d_in, d_in + 2 * g * n, self.nheads_local_tp], dim=-1)
-
-        # Causal depthwise conv: pad d_conv-1 on both sides, keep the first seqlen outputs.
-        xbc = F.conv1d(
-            xbc.transpose(1, 2),
+        ``[s, b, d_inner_local]`` (one autograd function, :mod:`.inner`)."""
+        shape = InnerShape(
+            nheads=self.nheads_local_tp,
+            headdim=self.headdim,
+            ngroups=self.ngroups_local_tp,
+            d_state=self.d_state,
+            chunk=min(self.chunk_size, SCAN_CHUNK_LIMIT),
+            norm_eps=self.norm.eps if self.rmsnorm else 0.0,
+            norm_group=self.norm.group_size if self.rmsnorm else None,
+        )
+        y = conv_scan_norm(
+            zxbcdt.transpose(0, 1),  # [b, s, ...]: the scan wants batch first
             self.conv1d.weight,
             self.conv1d.bias,
-            padding=self.d_conv - 1,
-            groups=self.conv1d.weight.shape[0],
-        )[..., :seqlen]
-        xbc = self.act(xbc).transpose(1, 2)
-        x, B, C = torch.split(xbc, [d_in, g * n, g * n], dim=-1)
-
-        dt = F.softplus(dt.float() + self.dt_bias.float())
-        A = -torch.exp(self.A_log.float())
-        D = self.D.float()
-        if self.D_has_hdim:
-            D = D.reshape(self.nheads_local_tp, self.headdim)
-        y = ssd_chunked(
-            x.reshape(batch, seqlen, self.nheads_local_tp, self.headdim),
-            dt,
-            A,
-            B.reshape(batch, seqlen, g, n),
-            C.reshape(batch, seqlen, g, n),
-            min(self.chunk_size, SCAN_CHUNK_LIMIT),
-            D=D,
+            self.dt_bias,
+            self.A_log,
+            self.D,
+            self.norm.weight if self.rmsnorm else None,
+            shape,
         )
-        y = y.reshape(batch, seqlen, d_in)
-        y = self.norm(y, z) if self.rmsnorm else y * self.act(z)
         return y.transpose(0, 1).contiguous()
 
     def mamba_state_shapes_per_request(self) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:

@@ -16,18 +16,18 @@ Semantics (``mamba_ssm.ops.triton.layernorm_gated.rms_norm_ref``):
 uses ``group_size = d_inner / ngroups``, so normalisation never mixes channels
 belonging to different B/C groups; this is also what keeps the result identical
 when groups are split across tensor-parallel ranks.  The arithmetic runs in
-float32 (as the Triton kernel does) and the result is cast back to ``x.dtype``.
+at least float32 (as the Triton kernel does) and the result is cast back to ``x.dtype``.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["GatedRMSNorm", "gated_rms_norm"]
+__all__ = ["GatedRMSNorm", "gated_rms_norm", "gated_rms_norm_backward", "gated_rms_norm_forward"]
 
 
 def gated_rms_norm(
@@ -46,16 +46,48 @@ def gated_rms_norm(
     if z is not None and z.shape != x.shape:
         raise ValueError(f"gate z must match x: {tuple(z.shape)} vs {tuple(x.shape)}")
 
-    h = x.float()
-    gate = F.silu(z.float()) if z is not None else None
+    cdt = torch.promote_types(x.dtype, torch.float32)
+    h = x.to(cdt)
+    gate = F.silu(z.to(cdt)) if z is not None else None
     if gate is not None and not norm_before_gate:
         h = h * gate
     grouped = h.reshape(*h.shape[:-1], hidden // group_size, group_size)
     inv_rms = torch.rsqrt(grouped.pow(2).mean(dim=-1, keepdim=True) + eps)
-    out = (grouped * inv_rms).reshape(h.shape) * weight.float()
+    out = (grouped * inv_rms).reshape(h.shape) * weight.to(cdt)
     if gate is not None and norm_before_gate:
         out = out * gate
     return out.to(x.dtype)
+
+
+def gated_rms_norm_forward(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float, group_size: int
+                           ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``rmsnorm_per_group(x * silu(z)) * weight`` (gate before norm, the mixer's only mode),
+    without a graph: ``(out, rstd)`` in at least float32, ``rstd`` per group, for
+    :func:`gated_rms_norm_backward`."""
+    cdt = torch.promote_types(x.dtype, torch.float32)
+    gated = (x.to(cdt) * F.silu(z.to(cdt))).unflatten(-1, (-1, group_size))
+    rstd = torch.rsqrt(gated.square().mean(-1, keepdim=True) + eps)
+    return (gated * rstd).flatten(-2) * weight.to(cdt), rstd
+
+
+def gated_rms_norm_backward(grad: torch.Tensor, x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor,
+                            rstd: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(grad_x, grad_z, grad_weight)`` of :func:`gated_rms_norm_forward`, in the compute dtype.
+
+    With ``h = x * silu(z)`` and ``n = h * rstd`` per group: ``dn = grad * weight``,
+    ``dh = rstd * (dn - n * mean(dn * n))``, ``dx = dh * silu(z)``,
+    ``dz = dh * x * silu'(z)``; the gate is recomputed, not stored.
+    """
+    cdt = rstd.dtype
+    x, z = x.to(cdt), z.to(cdt)
+    gate = F.silu(z)
+    normed = (x * gate).unflatten(-1, (rstd.shape[-2], -1)).mul_(rstd)
+    grad_weight = (grad.flatten(0, -2) * normed.flatten(-2).flatten(0, -2)).sum(0)
+    d_normed = (grad * weight.to(cdt)).unflatten(-1, normed.shape[-2:])
+    inner = (d_normed * normed).mean(-1, keepdim=True)
+    d_gated = (d_normed - normed * inner).mul_(rstd).flatten(-2)
+    grad_z = torch.ops.aten.silu_backward(d_gated * x, z)
+    return d_gated.mul_(gate), grad_z, grad_weight.to(weight.dtype)
 
 
 class GatedRMSNorm(nn.Module):

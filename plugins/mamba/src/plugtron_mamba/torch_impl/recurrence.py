@@ -23,31 +23,44 @@ from typing import Any, Tuple
 
 import torch
 
-__all__ = ["chunk_recurrence"]
+__all__ = ["chunk_recurrence", "recurrence_backward", "recurrence_forward"]
+
+
+def recurrence_forward(decay: torch.Tensor, states: torch.Tensor, initial: torch.Tensor
+                       ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(entering, final)`` without recording a graph (see :func:`chunk_recurrence`)."""
+    entering = torch.empty_like(states)
+    state = initial
+    for z in range(states.shape[1]):
+        entering[:, z] = state
+        state = torch.addcmul(states[:, z], decay[:, z], state)
+    return entering, state
+
+
+def recurrence_backward(decay: torch.Tensor, entering: torch.Tensor, grad_entering: torch.Tensor,
+                        grad_final: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(grad_decay, grad_states, grad_initial)``: the recurrence run in reverse."""
+    grad_states = torch.empty_like(entering)
+    grad_decay = torch.empty_like(decay)
+    running = grad_final
+    for z in reversed(range(entering.shape[1])):
+        grad_states[:, z] = running
+        grad_decay[:, z] = (running * entering[:, z]).sum(-1, keepdim=True)
+        running = torch.addcmul(grad_entering[:, z], decay[:, z], running)
+    return grad_decay, grad_states, running
 
 
 class _ChunkRecurrence(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, decay: torch.Tensor, states: torch.Tensor, initial: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        entering = torch.empty_like(states)
-        state = initial
-        for z in range(states.shape[1]):
-            entering[:, z] = state
-            state = torch.addcmul(states[:, z], decay[:, z], state)
+        entering, final = recurrence_forward(decay, states, initial)
         ctx.save_for_backward(decay, entering)
-        return entering, state
+        return entering, final
 
     @staticmethod
     def backward(ctx: Any, grad_entering: torch.Tensor, grad_final: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         decay, entering = ctx.saved_tensors
-        grad_states = torch.empty_like(entering)
-        grad_decay = torch.empty_like(decay)
-        running = grad_final
-        for z in reversed(range(entering.shape[1])):
-            grad_states[:, z] = running
-            grad_decay[:, z] = (running * entering[:, z]).sum(-1, keepdim=True)
-            running = torch.addcmul(grad_entering[:, z], decay[:, z], running)
-        return grad_decay, grad_states, running
+        return recurrence_backward(decay, entering, grad_entering, grad_final)
 
 
 def chunk_recurrence(decay: torch.Tensor, states: torch.Tensor, initial: torch.Tensor | None = None

@@ -23,14 +23,15 @@ and exists to pin down the semantics in tests.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Any, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
-from .recurrence import chunk_recurrence
+from .recurrence import recurrence_forward
+from .ssd_grad import scan_backward
 
-__all__ = ["ssd_chunked", "ssd_sequential_reference"]
+__all__ = ["Chunked", "scan_forward", "ssd_chunked", "ssd_sequential_reference"]
 
 SSDResult = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
 
@@ -76,6 +77,40 @@ def _skip_connection(x: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
     return x * D
 
 
+class Chunked(NamedTuple):
+    """The scan's inputs in the compute dtype, zero-padded to whole chunks, in chunk layouts.
+
+    Zero padding is harmless: dt = 0 means no decay (exp(0) = 1) and no input
+    (dt * x = 0), so the padded tail changes neither outputs nor the final state.
+    """
+
+    x: torch.Tensor  # [b, L, h, p]  (L = c * q, padded)
+    dt: torch.Tensor  # [b, L, h]
+    A: torch.Tensor  # [h]
+    cs: torch.Tensor  # [b, c, q, h] log-decay since chunk start (cumulative)
+    x_dt: torch.Tensor  # [b, c, q, h, p] discretised input
+    Bc: torch.Tensor  # [b, c, g, q, n] (a transposed view)
+    Cc: torch.Tensor  # [b, c, g, q, n]
+    length: int  # l, before padding
+
+    @classmethod
+    def of(cls, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, q: int) -> "Chunked":
+        b, l, h, p = x.shape
+        g, n = B.shape[2], B.shape[3]
+        cdt = torch.promote_types(x.dtype, torch.float32)
+        x, dt, A, B, C = (t.to(cdt) for t in (x, dt, A, B, C))
+        pad = (-l) % q
+        if pad:
+            x, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (x, B, C))
+            dt = F.pad(dt, (0, 0, 0, pad))
+        c = (l + pad) // q
+        cs = (dt * A).view(b, c, q, h).cumsum(2)
+        x_dt = (x * dt.unsqueeze(-1)).view(b, c, q, h, p)
+        Bc = B.view(b, c, q, g, n).transpose(2, 3)
+        Cc = C.view(b, c, q, g, n).transpose(2, 3)
+        return cls(x, dt, A, cs, x_dt, Bc, Cc, l)
+
+
 def ssd_chunked(
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -112,43 +147,54 @@ def ssd_chunked(
     clamped to be <= 0 before ``exp`` (so nothing overflows however strong the
     decay), the convention of the fused GPU kernels. Each big product is one
     batched matmul on a layout chosen to need few copies; heads of a group share
-    one ``C B^T`` product instead of repeating B and C per head.
+    one ``C B^T`` product instead of repeating B and C per head. The backward is
+    written by hand (:mod:`.ssd_grad`): it recomputes the in-chunk products
+    instead of keeping autograd's dozen intermediates per chunk.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    b, l, h, p, g, n = _check_shapes(x, dt, A, B, C, D, initial_states)
-    q = chunk_size
-    cdt = torch.promote_types(x.dtype, torch.float32)
-    x_in = x
-    x, dt, B, C = (t.to(cdt) for t in (x, dt, B, C))
-    # Zero padding is harmless: dt = 0 means no decay (exp(0) = 1) and no input
-    # (dt * x = 0), so the padded tail neither changes outputs nor the final state.
-    pad = (-l) % q
-    if pad:
-        x, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (x, B, C))
-        dt = F.pad(dt, (0, 0, 0, pad))
-    c = (l + pad) // q
+    _check_shapes(x, dt, A, B, C, D, initial_states)
+    y, final = _SSDScan.apply(x, dt, A, B, C, D, initial_states, chunk_size)
+    return (y, final) if return_final_states else y
 
-    cs = (dt * A.to(cdt)).view(b, c, q, h).cumsum(2).transpose(2, 3)  # [b, c, h, q] log-decay since chunk start
-    x_dt = (x * dt.unsqueeze(-1)).view(b, c, q, h, p)  # discretised input
-    Bc = B.view(b, c, q, g, n).transpose(2, 3)  # [b, c, g, q, n]
-    Cc = C.view(b, c, q, g, n).transpose(2, 3)
 
-    y = _within_chunks(cs, x_dt, Bc, Cc, g)  # [b, c, g, q, r, p]
-    states = _chunk_states(cs, x_dt, Bc, g)  # [b, c, h, p*n], each chunk from a zero state
+def scan_forward(ch: Chunked, D: Optional[torch.Tensor], initial: Optional[torch.Tensor]
+                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(y [b, l, h, p], final [b, h, p, n], entering [b, c, h, p*n])`` in the compute dtype, no graph."""
+    b, c, q, h = ch.cs.shape
+    p, g, n = ch.x_dt.shape[-1], ch.Bc.shape[2], ch.Bc.shape[-1]
+    cs = ch.cs.transpose(2, 3)  # [b, c, h, q]
+    y = _within_chunks(cs, ch.x_dt, ch.Bc, ch.Cc, g)  # [b, c, g, q, r, p]
+    states = _chunk_states(cs, ch.x_dt, ch.Bc, g)  # [b, c, h, p*n], each chunk from a zero state
     across = torch.exp(cs[..., -1:])  # [b, c, h, 1] decay across each chunk
-    init = None if initial_states is None else initial_states.to(cdt).reshape(b, h, p * n)
-    entering, final = chunk_recurrence(across, states, init)
-    y = y + _from_entering_states(cs, entering, Cc, g)
-
-    y = y.transpose(2, 3).reshape(b, c * q, h, p)[:, :l]
+    init = states.new_zeros(b, h, p * n) if initial is None else initial.to(states.dtype).reshape(b, h, p * n)
+    entering, final = recurrence_forward(across, states, init)
+    y += _from_entering_states(cs, entering, ch.Cc, g)
+    y = y.transpose(2, 3).reshape(b, c * q, h, p)[:, : ch.length]
     if D is not None:
-        D = D.to(cdt)
-        y = torch.addcmul(y, x[:, :l], D[:, None] if D.dim() == 1 else D)
-    y = y.to(x_in.dtype)
-    if return_final_states:
-        return y, final.reshape(b, h, p, n)
-    return y
+        D = D.to(y.dtype)
+        y = torch.addcmul(y, ch.x[:, : ch.length], D[:, None] if D.dim() == 1 else D)
+    return y, final.reshape(b, h, p, n), entering
+
+
+class _SSDScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                D: Optional[torch.Tensor], initial: Optional[torch.Tensor], chunk: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        y, final, entering = scan_forward(Chunked.of(x, dt, A, B, C, chunk), D, initial)
+        ctx.save_for_backward(x, dt, A, B, C, D, entering)
+        ctx.chunk = chunk
+        ctx.initial_dtype = None if initial is None else initial.dtype
+        return y.to(x.dtype), final
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor, dfinal: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
+        x, dt, A, B, C, D, entering = ctx.saved_tensors
+        grads = scan_backward(Chunked.of(x, dt, A, B, C, ctx.chunk), D, entering, dy, dfinal)
+        dD, dinit = grads.D, grads.initial
+        return (grads.x.to(x.dtype), grads.dt.to(dt.dtype), grads.A.to(A.dtype), grads.B.to(B.dtype),
+                grads.C.to(C.dtype), None if D is None else dD.to(D.dtype),
+                dinit.to(ctx.initial_dtype) if ctx.needs_input_grad[6] else None, None)
 
 
 def _within_chunks(cs: torch.Tensor, x_dt: torch.Tensor, Bc: torch.Tensor, Cc: torch.Tensor, g: int) -> torch.Tensor:

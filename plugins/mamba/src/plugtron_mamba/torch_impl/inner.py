@@ -1,0 +1,130 @@
+"""The mixer between its two projections, as one autograd function.
+
+``conv_scan_norm`` maps the input projection's output ``[z | x B C | dt]`` to the
+gated, normalised scan output, exactly as the mixer's forward used to do op by
+op (causal conv + SiLU on ``x B C``, softplus'ed ``dt``, the SSD scan, the gated
+RMSNorm). Why one function with a hand-written backward: autograd through those
+ops spent more time on glue than on arithmetic (splitting the projection output
+and concatenating its gradient back, transposes around ``F.conv1d``, a dozen
+saved intermediates). Here the forward runs without a graph, keeps what the
+backward needs (the projection output, the conv pre-activation, the scan output,
+the entering chunk states, the norm's per-group ``rstd``) and the backward writes
+each gradient straight into its slice of one ``[z | xBC | dt]`` gradient tensor.
+
+It supports first derivatives only. Each piece's backward is tested against
+autograd through its plain-op definition, and the whole against the previous
+op-by-op mixer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .conv import causal_conv_backward, causal_conv_forward
+from .norm import gated_rms_norm_backward, gated_rms_norm_forward
+from .ssd import Chunked, scan_forward
+from .ssd_grad import scan_backward
+
+__all__ = ["InnerShape", "conv_scan_norm"]
+
+
+class InnerShape(NamedTuple):
+    """Sizes of one rank's slice, and the settings that are not tensors."""
+
+    nheads: int
+    headdim: int
+    ngroups: int
+    d_state: int
+    chunk: int
+    norm_eps: float
+    norm_group: Optional[int]  # channels per RMSNorm group; None: no norm, output y * silu(z)
+
+    @property
+    def d_inner(self) -> int:
+        return self.nheads * self.headdim
+
+    @property
+    def splits(self) -> Tuple[int, int, int]:
+        """Widths of ``z``, ``x B C`` and ``dt`` in the projection output."""
+        return self.d_inner, self.d_inner + 2 * self.ngroups * self.d_state, self.nheads
+
+
+def conv_scan_norm(zxbcdt: torch.Tensor, conv_weight: torch.Tensor, conv_bias: Optional[torch.Tensor],
+                   dt_bias: torch.Tensor, A_log: torch.Tensor, D: torch.Tensor, norm_weight: Optional[torch.Tensor],
+                   shape: InnerShape) -> torch.Tensor:
+    """``[b, s, z|xBC|dt]`` -> ``[b, s, d_inner]`` in ``zxbcdt``'s dtype (computed in >= float32).
+
+    ``D`` is ``[nheads]`` or ``[nheads * headdim]``; ``norm_weight`` is None exactly
+    when ``shape.norm_group`` is None.
+    """
+    return _ConvScanNorm.apply(zxbcdt, conv_weight, conv_bias, dt_bias, A_log, D, norm_weight, shape)
+
+
+def _scan_inputs(zxbcdt: torch.Tensor, pre: torch.Tensor, dt_bias: torch.Tensor, A_log: torch.Tensor,
+                 shape: InnerShape) -> Tuple[Chunked, torch.Tensor]:
+    """The scan's chunked inputs from the conv pre-activation, and ``dt`` before softplus (+ bias)."""
+    b, s, _ = zxbcdt.shape
+    h, p, g, n = shape.nheads, shape.headdim, shape.ngroups, shape.d_state
+    x, B, C = F.silu(pre).split([h * p, g * n, g * n], dim=-1)
+    dt_in = zxbcdt[..., -h:].to(pre.dtype) + dt_bias.to(pre.dtype)  # pre is in the compute dtype
+    A = -torch.exp(A_log.to(pre.dtype))
+    chunked = Chunked.of(x.view(b, s, h, p), F.softplus(dt_in), A, B.view(b, s, g, n), C.view(b, s, g, n), shape.chunk)
+    return chunked, dt_in
+
+
+def _skip_weight(D: torch.Tensor, shape: InnerShape) -> torch.Tensor:
+    return D if D.numel() == shape.nheads else D.view(shape.nheads, shape.headdim)
+
+
+class _ConvScanNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, zxbcdt: torch.Tensor, conv_weight: torch.Tensor, conv_bias: Optional[torch.Tensor],
+                dt_bias: torch.Tensor, A_log: torch.Tensor, D: torch.Tensor, norm_weight: Optional[torch.Tensor],
+                shape: InnerShape) -> torch.Tensor:
+        d_in, d_xbc, _ = shape.splits
+        z = zxbcdt[..., :d_in]
+        pre = causal_conv_forward(zxbcdt[..., d_in : d_in + d_xbc], conv_weight, conv_bias)
+        chunked, _ = _scan_inputs(zxbcdt, pre, dt_bias, A_log, shape)
+        y, _, entering = scan_forward(chunked, _skip_weight(D, shape).to(pre.dtype), None)
+        y = y.flatten(-2)
+        if shape.norm_group is None:
+            out, rstd = y * F.silu(z.to(y.dtype)), None
+        else:
+            out, rstd = gated_rms_norm_forward(y, z, norm_weight, shape.norm_eps, shape.norm_group)
+        ctx.save_for_backward(zxbcdt, conv_weight, dt_bias, A_log, D, norm_weight, pre, y, entering, rstd)
+        ctx.shape, ctx.has_conv_bias = shape, conv_bias is not None
+        return out.to(zxbcdt.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
+        zxbcdt, conv_weight, dt_bias, A_log, D, norm_weight, pre, y, entering, rstd = ctx.saved_tensors
+        shape: InnerShape = ctx.shape
+        b, s, _ = zxbcdt.shape
+        grad_in = torch.empty(zxbcdt.shape, dtype=zxbcdt.dtype, device=zxbcdt.device)
+        grad_z, grad_xbc, grad_dt = grad_in.split(shape.splits, dim=-1)
+        z = zxbcdt[..., : shape.d_inner]
+
+        grad_out = grad_out.to(y.dtype)
+        if rstd is None:
+            gate = F.silu(z.to(y.dtype))
+            dy, dz, d_norm = grad_out * gate, torch.ops.aten.silu_backward(grad_out * y, z.to(y.dtype)), None
+        else:
+            dy, dz, d_norm = gated_rms_norm_backward(grad_out, y, z, norm_weight, rstd)
+        grad_z.copy_(dz)
+
+        chunked, dt_in = _scan_inputs(zxbcdt, pre, dt_bias, A_log, shape)
+        skip = _skip_weight(D, shape).to(pre.dtype)
+        grads = scan_backward(chunked, skip, entering, dy.view(b, s, shape.nheads, shape.headdim), None)
+        d_act = torch.cat([grads.x.flatten(-2), grads.B.flatten(-2), grads.C.flatten(-2)], dim=-1)
+        d_pre = torch.ops.aten.silu_backward(d_act, pre)
+        _, d_conv_w, d_conv_b = causal_conv_backward(d_pre, zxbcdt[..., shape.d_inner : shape.d_inner + shape.splits[1]],
+                                                     conv_weight, ctx.has_conv_bias, grad_x_out=grad_xbc)
+        d_dt_in = grads.dt * torch.sigmoid(dt_in)  # softplus' = sigmoid
+        grad_dt.copy_(d_dt_in)
+        d_dt_bias = d_dt_in.sum((0, 1)).to(dt_bias.dtype)
+        d_A_log = (grads.A * -torch.exp(A_log.to(pre.dtype))).to(A_log.dtype)
+        d_D = grads.D.reshape(D.shape).to(D.dtype)
+        return grad_in, d_conv_w, d_conv_b, d_dt_bias, d_A_log, d_D, d_norm, None

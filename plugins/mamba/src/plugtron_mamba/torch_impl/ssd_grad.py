@@ -1,0 +1,145 @@
+"""Hand-written backward of the chunked SSD scan (:func:`.ssd.ssd_chunked`).
+
+Why by hand: autograd through the chunked scan keeps a dozen chunk-sized
+intermediates and replays every broadcast and layout copy of the forward. The
+scan's gradient has a compact form, derived term by term from the forward
+(``cs`` is the chunk-local cumulative log-decay, ``W_ij = exp(cs_i - cs_j) C_i.B_j``
+for ``j <= i``, ``E`` the state entering a chunk, ``S`` the state a chunk makes
+from zero):
+
+* in-chunk output ``y_i = sum_j W_ij x_dt_j``:
+  ``dW = dy x_dt^T``, ``dx_dt += W^T dy``, ``dcs_i += sum_j (dW*W)_ij``,
+  ``dcs_j -= sum_i (dW*W)_ij``, and ``d(C.B)`` is ``dW * exp(..)`` summed over the
+  heads sharing a group, giving ``dC = d(CB) B`` and ``dB = d(CB)^T C``;
+* entering states ``y_i += exp(cs_i) E C_i``:
+  ``dE = (exp(cs) dy)^T C``, ``dC += (exp(cs) dy) E`` and ``dcs_i += dy_i . y_inter_i``;
+* the hand-over ``E_{z+1} = a_z E_z + S_z`` runs backwards (:mod:`.recurrence`),
+  with ``a_z = exp(cs_end)``;
+* chunk states ``S = sum_j exp(cs_end - cs_j) x_dt_j B_j^T``: ``dB_j``,
+  ``dx_dt_j`` and the two ``cs`` terms of the decay;
+* finally ``cs`` is a cumulative sum of ``dt * A`` (its gradient is a reversed
+  cumulative sum) and ``x_dt = x * dt``.
+
+The in-chunk products are recomputed (two batched matmuls) rather than saved;
+only the entering states are kept from the forward. Tests compare every
+gradient with autograd through the step-by-step recurrence in float64.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .recurrence import recurrence_backward
+
+if TYPE_CHECKING:
+    from .ssd import Chunked
+
+__all__ = ["ScanGrads", "scan_backward"]
+
+
+class ScanGrads(NamedTuple):
+    """Gradients in the compute dtype, trimmed to the unpadded length."""
+
+    x: torch.Tensor  # [b, l, h, p]
+    dt: torch.Tensor  # [b, l, h]
+    A: torch.Tensor  # [h]
+    B: torch.Tensor  # [b, l, g, n]
+    C: torch.Tensor
+    D: Optional[torch.Tensor]  # D's shape, or None without D
+    initial: torch.Tensor  # [b, h, p, n]
+
+
+def scan_backward(ch: "Chunked", D: Optional[torch.Tensor], entering: torch.Tensor, dy: torch.Tensor,
+                  dfinal: Optional[torch.Tensor]) -> ScanGrads:
+    """All input gradients of the scan, given ``dy`` ``[b, l, h, p]`` and ``dfinal`` ``[b, h, p, n]``."""
+    b, c, q, h = ch.cs.shape
+    p, g, n = ch.x_dt.shape[-1], ch.Bc.shape[2], ch.Bc.shape[-1]
+    l, big = ch.length, c * q
+    dy = dy.to(ch.x.dtype)
+    dy5 = F.pad(dy, (0, 0, 0, 0, 0, big - l)).view(b, c, q, h, p) if big > l else dy.reshape(b, c, q, h, p)
+
+    d_entering, dC, dcs = _from_entering_states_grad(ch.cs, entering, ch.Cc, dy5, g)
+    across = torch.exp(ch.cs[:, :, -1, :]).unsqueeze(-1)  # [b, c, h, 1]
+    final_grad = entering.new_zeros(b, h, p * n) if dfinal is None else dfinal.to(entering.dtype).reshape(b, h, p * n)
+    d_across, d_states, d_initial = recurrence_backward(across, entering, d_entering, final_grad)
+    dcs[:, :, -1, :] += (d_across * across).squeeze(-1)
+
+    dx_dt, dB, dcs_states = _chunk_states_grad(ch.cs, ch.x_dt, ch.Bc, d_states, g)
+    dcs += dcs_states
+    dx_dt_in, dB_in, dC_in, dcs_in = _within_chunks_grad(ch.cs, ch.x_dt, ch.Bc, ch.Cc, dy5, g)
+    dx_dt += dx_dt_in
+    dcs += dcs_in
+    dB += dB_in
+    dC += dC_in
+
+    # cs = cumsum(dt * A) inside each chunk: its adjoint is the reversed cumulative sum.
+    d_dtA = (dcs.sum(2, keepdim=True) - dcs.cumsum(2) + dcs).reshape(b, big, h)
+    dx_dt = dx_dt.reshape(b, big, h, p)
+    ddt = torch.addcmul((dx_dt * ch.x).sum(-1), d_dtA, ch.A)
+    dA = (d_dtA * ch.dt).sum((0, 1))
+    dx = (dx_dt * ch.dt.unsqueeze(-1))[:, :l]
+    dD = None
+    if D is not None:
+        x = ch.x[:, :l]
+        D = D.to(dx.dtype)
+        dx = torch.addcmul(dx, dy, D[:, None] if D.dim() == 1 else D)
+        dD = (dy * x).sum((0, 1)) if D.dim() == 2 else (dy * x).sum((0, 1, 3))
+    dB, dC = (t.transpose(2, 3).reshape(b, big, g, n)[:, :l] for t in (dB, dC))
+    return ScanGrads(dx, ddt[:, :l], dA, dB, dC, dD, d_initial.view(b, h, p, n))
+
+
+def _from_entering_states_grad(cs: torch.Tensor, entering: torch.Tensor, Cc: torch.Tensor, dy: torch.Tensor, g: int
+                               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Adjoint of ``y_i += exp(cs_i) E C_i``: ``(dE [b, c, h, p*n], dC [b, c, g, q, n], dcs [b, c, q, h])``."""
+    b, c, q, h = cs.shape
+    p, n = dy.shape[-1], Cc.shape[-1]
+    r = h // g
+    du = (dy * torch.exp(cs).unsqueeze(-1)).view(b, c, q, g, r * p).transpose(2, 3)  # [b, c, g, q, r*p]
+    state = entering.view(b, c, g, r * p, n)
+    recomputed = torch.matmul(Cc, state.transpose(-1, -2))  # E C_i, [b, c, g, q, r*p]
+    dcs = (du * recomputed).view(b, c, g, q, r, p).sum(-1).transpose(2, 3).reshape(b, c, q, h)
+    d_entering = torch.matmul(du.transpose(-1, -2), Cc).view(b, c, h, p * n)
+    dC = torch.matmul(du, state)
+    return d_entering, dC, dcs
+
+
+def _chunk_states_grad(cs: torch.Tensor, x_dt: torch.Tensor, Bc: torch.Tensor, d_states: torch.Tensor, g: int
+                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Adjoint of ``S = sum_j exp(cs_end - cs_j) x_dt_j B_j^T``: ``(dx_dt, dB, dcs)``."""
+    b, c, q, h = cs.shape
+    p, n = x_dt.shape[-1], Bc.shape[-1]
+    r = h // g
+    to_end = torch.exp(cs[:, :, -1:] - cs).unsqueeze(-1)  # [b, c, q, h, 1]
+    dS = d_states.view(b, c, g, r * p, n)
+    weighted = (x_dt * to_end).view(b, c, q, g, r * p).transpose(2, 3)  # [b, c, g, q, r*p]
+    dB = torch.matmul(weighted, dS)  # [b, c, g, q, n]
+    d_weighted = torch.matmul(Bc, dS.transpose(-1, -2)).transpose(2, 3).reshape(b, c, q, h, p)
+    dx_dt = d_weighted * to_end
+    d_decay = (dx_dt * x_dt).sum(-1)  # d(to_end) * to_end, [b, c, q, h]
+    dcs = -d_decay
+    dcs[:, :, -1] += d_decay.sum(2)
+    return dx_dt, dB, dcs
+
+
+def _within_chunks_grad(cs: torch.Tensor, x_dt: torch.Tensor, Bc: torch.Tensor, Cc: torch.Tensor, dy: torch.Tensor,
+                        g: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Adjoint of ``y_i = sum_{j<=i} exp(cs_i - cs_j) (C_i.B_j) x_dt_j``: ``(dx_dt, dB, dC, dcs)``."""
+    b, c, q, h = cs.shape
+    r = h // g
+    csT = cs.transpose(2, 3)  # [b, c, h, q]
+    scores = torch.matmul(Cc, Bc.transpose(-1, -2)).tril_()  # [b, c, g, q, q]
+    decay = torch.exp((csT.unsqueeze(-1) - csT.unsqueeze(-2)).clamp_(max=0.0)).view(b, c, g, r, q, q)
+    weights = (decay * scores.unsqueeze(3)).view(b, c, h, q, q)
+    dy_h = dy.permute(0, 1, 3, 2, 4)  # [b, c, h, q, p]
+    dx_dt = torch.matmul(weights.transpose(-1, -2), dy_h).permute(0, 1, 3, 2, 4)
+    d_weights = torch.matmul(dy_h, x_dt.permute(0, 1, 3, 4, 2))  # [b, c, h, q(i), q(j)]
+    d_decay = d_weights.view(b, c, g, r, q, q).mul_(decay)  # dW * exp(..), also = dcs terms / scores
+    d_scores = d_decay.sum(3).tril_()
+    both = (d_decay * scores.unsqueeze(3)).view(b, c, h, q, q)  # dW * W
+    dcs = (both.sum(-1) - both.sum(-2)).transpose(2, 3)
+    dC = torch.matmul(d_scores, Bc)
+    dB = torch.matmul(d_scores.transpose(-1, -2), Cc)
+    return dx_dt, dB, dC, dcs
