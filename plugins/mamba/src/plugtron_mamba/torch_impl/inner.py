@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from .conv import causal_conv_backward, causal_conv_forward
 from .norm import gated_rms_norm_backward, gated_rms_norm_forward
-from .ssd import Chunked, scan_forward
+from .ssd import Chunked, ScanSaved, scan_forward
 from .ssd_grad import scan_backward
 
 __all__ = ["InnerShape", "conv_scan_norm"]
@@ -64,15 +64,14 @@ def conv_scan_norm(zxbcdt: torch.Tensor, conv_weight: torch.Tensor, conv_bias: O
 
 
 def _scan_inputs(zxbcdt: torch.Tensor, pre: torch.Tensor, dt_bias: torch.Tensor, A_log: torch.Tensor,
-                 shape: InnerShape) -> Tuple[Chunked, torch.Tensor]:
-    """The scan's chunked inputs from the conv pre-activation, and ``dt`` before softplus (+ bias)."""
+                 shape: InnerShape) -> Chunked:
+    """The scan's chunked inputs from the conv pre-activation."""
     b, s, _ = zxbcdt.shape
     h, p, g, n = shape.nheads, shape.headdim, shape.ngroups, shape.d_state
     x, B, C = F.silu(pre).split([h * p, g * n, g * n], dim=-1)
     dt_in = zxbcdt[..., -h:].to(pre.dtype) + dt_bias.to(pre.dtype)  # pre is in the compute dtype
     A = -torch.exp(A_log.to(pre.dtype))
-    chunked = Chunked.of(x.view(b, s, h, p), F.softplus(dt_in), A, B.view(b, s, g, n), C.view(b, s, g, n), shape.chunk)
-    return chunked, dt_in
+    return Chunked.of(x.view(b, s, h, p), F.softplus(dt_in), A, B.view(b, s, g, n), C.view(b, s, g, n), shape.chunk)
 
 
 def _skip_weight(D: torch.Tensor, shape: InnerShape) -> torch.Tensor:
@@ -87,20 +86,22 @@ class _ConvScanNorm(torch.autograd.Function):
         d_in, d_xbc, _ = shape.splits
         z = zxbcdt[..., :d_in]
         pre = causal_conv_forward(zxbcdt[..., d_in : d_in + d_xbc], conv_weight, conv_bias)
-        chunked, _ = _scan_inputs(zxbcdt, pre, dt_bias, A_log, shape)
-        y, _, entering = scan_forward(chunked, _skip_weight(D, shape).to(pre.dtype), None)
+        chunked = _scan_inputs(zxbcdt, pre, dt_bias, A_log, shape)
+        y, _, saved = scan_forward(chunked, _skip_weight(D, shape).to(pre.dtype), None)
         y = y.flatten(-2)
         if shape.norm_group is None:
             out, rstd = y * F.silu(z.to(y.dtype)), None
         else:
             out, rstd = gated_rms_norm_forward(y, z, norm_weight, shape.norm_eps, shape.norm_group)
-        ctx.save_for_backward(zxbcdt, conv_weight, dt_bias, A_log, D, norm_weight, pre, y, entering, rstd)
-        ctx.shape, ctx.has_conv_bias = shape, conv_bias is not None
+        ctx.save_for_backward(zxbcdt, conv_weight, dt_bias, A_log, D, norm_weight, pre, y, rstd, *chunked[:-1], *saved)
+        ctx.shape, ctx.has_conv_bias, ctx.length = shape, conv_bias is not None, chunked.length
         return out.to(zxbcdt.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
-        zxbcdt, conv_weight, dt_bias, A_log, D, norm_weight, pre, y, entering, rstd = ctx.saved_tensors
+        zxbcdt, conv_weight, dt_bias, A_log, D, norm_weight, pre, y, rstd, *rest = ctx.saved_tensors
+        fields = len(Chunked._fields) - 1
+        chunked, saved = Chunked(*rest[:fields], ctx.length), ScanSaved(*rest[fields:])
         shape: InnerShape = ctx.shape
         b, s, _ = zxbcdt.shape
         grad_in = torch.empty(zxbcdt.shape, dtype=zxbcdt.dtype, device=zxbcdt.device)
@@ -115,9 +116,9 @@ class _ConvScanNorm(torch.autograd.Function):
             dy, dz, d_norm = gated_rms_norm_backward(grad_out, y, z, norm_weight, rstd)
         grad_z.copy_(dz)
 
-        chunked, dt_in = _scan_inputs(zxbcdt, pre, dt_bias, A_log, shape)
+        dt_in = zxbcdt[..., -shape.nheads :].to(pre.dtype) + dt_bias.to(pre.dtype)
         skip = _skip_weight(D, shape).to(pre.dtype)
-        grads = scan_backward(chunked, skip, entering, dy.view(b, s, shape.nheads, shape.headdim), None)
+        grads = scan_backward(chunked, skip, saved, dy.view(b, s, shape.nheads, shape.headdim), None)
         d_act = torch.cat([grads.x.flatten(-2), grads.B.flatten(-2), grads.C.flatten(-2)], dim=-1)
         d_pre = torch.ops.aten.silu_backward(d_act, pre)
         _, d_conv_w, d_conv_b = causal_conv_backward(d_pre, zxbcdt[..., shape.d_inner : shape.d_inner + shape.splits[1]],

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from .recurrence import recurrence_forward
 from .ssd_grad import scan_backward
 
-__all__ = ["Chunked", "scan_forward", "ssd_chunked", "ssd_sequential_reference"]
+__all__ = ["Chunked", "ScanSaved", "scan_forward", "ssd_chunked", "ssd_sequential_reference"]
 
 SSDResult = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
 
@@ -158,55 +158,70 @@ def ssd_chunked(
     return (y, final) if return_final_states else y
 
 
+class ScanSaved(NamedTuple):
+    """What the backward reuses from the forward instead of recomputing it."""
+
+    entering: torch.Tensor  # [b, c, h, p*n] state entering each chunk
+    y_inter: torch.Tensor  # [b, c, g, q, r, p] output contributed by the entering states
+    decay: torch.Tensor  # [b, c, h, q, q] in-chunk exp(cs_i - cs_j), clamped to <= 1 above the diagonal
+    weights: torch.Tensor  # [b, c, h, q, q] decay * (C_i . B_j), causal
+    x_heads: torch.Tensor  # [b, c, h, q, p] x_dt, heads before steps (the in-chunk matmul's layout)
+
+
 def scan_forward(ch: Chunked, D: Optional[torch.Tensor], initial: Optional[torch.Tensor]
-                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(y [b, l, h, p], final [b, h, p, n], entering [b, c, h, p*n])`` in the compute dtype, no graph."""
+                 ) -> Tuple[torch.Tensor, torch.Tensor, ScanSaved]:
+    """``(y [b, l, h, p], final [b, h, p, n], saved)`` in the compute dtype, no graph."""
     b, c, q, h = ch.cs.shape
     p, g, n = ch.x_dt.shape[-1], ch.Bc.shape[2], ch.Bc.shape[-1]
     cs = ch.cs.transpose(2, 3)  # [b, c, h, q]
-    y = _within_chunks(cs, ch.x_dt, ch.Bc, ch.Cc, g)  # [b, c, g, q, r, p]
+    y, decay, weights, x_heads = _within_chunks(cs, ch.x_dt, ch.Bc, ch.Cc, g)  # y: [b, c, g, q, r, p]
     states = _chunk_states(cs, ch.x_dt, ch.Bc, g)  # [b, c, h, p*n], each chunk from a zero state
     across = torch.exp(cs[..., -1:])  # [b, c, h, 1] decay across each chunk
     init = states.new_zeros(b, h, p * n) if initial is None else initial.to(states.dtype).reshape(b, h, p * n)
     entering, final = recurrence_forward(across, states, init)
-    y += _from_entering_states(cs, entering, ch.Cc, g)
+    y_inter = _from_entering_states(cs, entering, ch.Cc, g)
+    y += y_inter
     y = y.transpose(2, 3).reshape(b, c * q, h, p)[:, : ch.length]
     if D is not None:
         D = D.to(y.dtype)
         y = torch.addcmul(y, ch.x[:, : ch.length], D[:, None] if D.dim() == 1 else D)
-    return y, final.reshape(b, h, p, n), entering
+    return y, final.reshape(b, h, p, n), ScanSaved(entering, y_inter, decay, weights, x_heads)
 
 
 class _SSDScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                 D: Optional[torch.Tensor], initial: Optional[torch.Tensor], chunk: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        y, final, entering = scan_forward(Chunked.of(x, dt, A, B, C, chunk), D, initial)
-        ctx.save_for_backward(x, dt, A, B, C, D, entering)
+        y, final, saved = scan_forward(Chunked.of(x, dt, A, B, C, chunk), D, initial)
+        ctx.save_for_backward(x, dt, A, B, C, D, *saved)
         ctx.chunk = chunk
         ctx.initial_dtype = None if initial is None else initial.dtype
         return y.to(x.dtype), final
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor, dfinal: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
-        x, dt, A, B, C, D, entering = ctx.saved_tensors
-        grads = scan_backward(Chunked.of(x, dt, A, B, C, ctx.chunk), D, entering, dy, dfinal)
+        x, dt, A, B, C, D, *saved = ctx.saved_tensors
+        grads = scan_backward(Chunked.of(x, dt, A, B, C, ctx.chunk), D, ScanSaved(*saved), dy, dfinal)
         dD, dinit = grads.D, grads.initial
         return (grads.x.to(x.dtype), grads.dt.to(dt.dtype), grads.A.to(A.dtype), grads.B.to(B.dtype),
                 grads.C.to(C.dtype), None if D is None else dD.to(D.dtype),
                 dinit.to(ctx.initial_dtype) if ctx.needs_input_grad[6] else None, None)
 
 
-def _within_chunks(cs: torch.Tensor, x_dt: torch.Tensor, Bc: torch.Tensor, Cc: torch.Tensor, g: int) -> torch.Tensor:
-    """y_i = sum_{j<=i} (C_i . B_j) exp(cs_i - cs_j) x_dt_j inside each chunk, as ``[b, c, g, q, r, p]``."""
+def _within_chunks(cs: torch.Tensor, x_dt: torch.Tensor, Bc: torch.Tensor, Cc: torch.Tensor, g: int
+                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y_i = sum_{j<=i} (C_i . B_j) exp(cs_i - cs_j) x_dt_j inside each chunk, as ``[b, c, g, q, r, p]``;
+    also the decays, the weights and x_dt heads-first, which the backward reuses."""
     b, c, h, q = cs.shape
     r, p = h // g, x_dt.shape[-1]
     scores = torch.matmul(Cc, Bc.transpose(-1, -2)).tril()  # [b, c, g, q(i), q(j)], causal
     # Above the diagonal cs_i - cs_j >= 0 could overflow exp; clamp to 0 there, the tril'd scores zero it.
     decay = torch.exp((cs.unsqueeze(-1) - cs.unsqueeze(-2)).clamp(max=0.0))  # [b, c, h, q, q]
     weights = decay.view(b, c, g, r, q, q) * scores.unsqueeze(3)
-    y = torch.matmul(weights.view(b, c, h, q, q), x_dt.permute(0, 1, 3, 2, 4))  # [b, c, h, q, p]
-    return y.view(b, c, g, r, q, p).transpose(3, 4)
+    weights = weights.view(b, c, h, q, q)
+    x_heads = x_dt.permute(0, 1, 3, 2, 4).contiguous()  # [b, c, h, q, p]
+    y = torch.matmul(weights, x_heads)
+    return y.view(b, c, g, r, q, p).transpose(3, 4), decay, weights, x_heads
 
 
 def _chunk_states(cs: torch.Tensor, x_dt: torch.Tensor, Bc: torch.Tensor, g: int) -> torch.Tensor:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from .recurrence import recurrence_backward
 
 if TYPE_CHECKING:
-    from .ssd import Chunked
+    from .ssd import Chunked, ScanSaved
 
 __all__ = ["ScanGrads", "scan_backward"]
 
@@ -52,7 +52,7 @@ class ScanGrads(NamedTuple):
     initial: torch.Tensor  # [b, h, p, n]
 
 
-def scan_backward(ch: "Chunked", D: Optional[torch.Tensor], entering: torch.Tensor, dy: torch.Tensor,
+def scan_backward(ch: "Chunked", D: Optional[torch.Tensor], saved: "ScanSaved", dy: torch.Tensor,
                   dfinal: Optional[torch.Tensor]) -> ScanGrads:
     """All input gradients of the scan, given ``dy`` ``[b, l, h, p]`` and ``dfinal`` ``[b, h, p, n]``."""
     b, c, q, h = ch.cs.shape
@@ -61,7 +61,8 @@ def scan_backward(ch: "Chunked", D: Optional[torch.Tensor], entering: torch.Tens
     dy = dy.to(ch.x.dtype)
     dy5 = F.pad(dy, (0, 0, 0, 0, 0, big - l)).view(b, c, q, h, p) if big > l else dy.reshape(b, c, q, h, p)
 
-    d_entering, dC, dcs = _from_entering_states_grad(ch.cs, entering, ch.Cc, dy5, g)
+    entering = saved.entering
+    d_entering, dC, dcs = _from_entering_states_grad(ch.cs, entering, saved.y_inter, ch.Cc, dy5, g)
     across = torch.exp(ch.cs[:, :, -1, :]).unsqueeze(-1)  # [b, c, h, 1]
     final_grad = entering.new_zeros(b, h, p * n) if dfinal is None else dfinal.to(entering.dtype).reshape(b, h, p * n)
     d_across, d_states, d_initial = recurrence_backward(across, entering, d_entering, final_grad)
@@ -69,7 +70,7 @@ def scan_backward(ch: "Chunked", D: Optional[torch.Tensor], entering: torch.Tens
 
     dx_dt, dB, dcs_states = _chunk_states_grad(ch.cs, ch.x_dt, ch.Bc, d_states, g)
     dcs += dcs_states
-    dx_dt_in, dB_in, dC_in, dcs_in = _within_chunks_grad(ch.cs, ch.x_dt, ch.Bc, ch.Cc, dy5, g)
+    dx_dt_in, dB_in, dC_in, dcs_in = _within_chunks_grad(saved, ch.Bc, ch.Cc, dy5, g)
     dx_dt += dx_dt_in
     dcs += dcs_in
     dB += dB_in
@@ -91,16 +92,16 @@ def scan_backward(ch: "Chunked", D: Optional[torch.Tensor], entering: torch.Tens
     return ScanGrads(dx, ddt[:, :l], dA, dB, dC, dD, d_initial.view(b, h, p, n))
 
 
-def _from_entering_states_grad(cs: torch.Tensor, entering: torch.Tensor, Cc: torch.Tensor, dy: torch.Tensor, g: int
-                               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _from_entering_states_grad(cs: torch.Tensor, entering: torch.Tensor, y_inter: torch.Tensor, Cc: torch.Tensor,
+                               dy: torch.Tensor, g: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Adjoint of ``y_i += exp(cs_i) E C_i``: ``(dE [b, c, h, p*n], dC [b, c, g, q, n], dcs [b, c, q, h])``."""
     b, c, q, h = cs.shape
     p, n = dy.shape[-1], Cc.shape[-1]
     r = h // g
-    du = (dy * torch.exp(cs).unsqueeze(-1)).view(b, c, q, g, r * p).transpose(2, 3)  # [b, c, g, q, r*p]
+    dy_g = dy.view(b, c, q, g, r * p).transpose(2, 3)  # [b, c, g, q, r*p]
+    dcs = (dy_g.view(b, c, g, q, r, p) * y_inter).sum(-1).transpose(2, 3).reshape(b, c, q, h)
+    du = dy_g * torch.exp(cs).view(b, c, q, g, r).transpose(2, 3).repeat_interleave(p, dim=-1)
     state = entering.view(b, c, g, r * p, n)
-    recomputed = torch.matmul(Cc, state.transpose(-1, -2))  # E C_i, [b, c, g, q, r*p]
-    dcs = (du * recomputed).view(b, c, g, q, r, p).sum(-1).transpose(2, 3).reshape(b, c, q, h)
     d_entering = torch.matmul(du.transpose(-1, -2), Cc).view(b, c, h, p * n)
     dC = torch.matmul(du, state)
     return d_entering, dC, dcs
@@ -124,22 +125,17 @@ def _chunk_states_grad(cs: torch.Tensor, x_dt: torch.Tensor, Bc: torch.Tensor, d
     return dx_dt, dB, dcs
 
 
-def _within_chunks_grad(cs: torch.Tensor, x_dt: torch.Tensor, Bc: torch.Tensor, Cc: torch.Tensor, dy: torch.Tensor,
-                        g: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _within_chunks_grad(saved: "ScanSaved", Bc: torch.Tensor, Cc: torch.Tensor, dy: torch.Tensor, g: int
+                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Adjoint of ``y_i = sum_{j<=i} exp(cs_i - cs_j) (C_i.B_j) x_dt_j``: ``(dx_dt, dB, dC, dcs)``."""
-    b, c, q, h = cs.shape
+    b, c, h, q, _ = saved.decay.shape
     r = h // g
-    csT = cs.transpose(2, 3)  # [b, c, h, q]
-    scores = torch.matmul(Cc, Bc.transpose(-1, -2)).tril_()  # [b, c, g, q, q]
-    decay = torch.exp((csT.unsqueeze(-1) - csT.unsqueeze(-2)).clamp_(max=0.0)).view(b, c, g, r, q, q)
-    weights = (decay * scores.unsqueeze(3)).view(b, c, h, q, q)
-    dy_h = dy.permute(0, 1, 3, 2, 4)  # [b, c, h, q, p]
-    dx_dt = torch.matmul(weights.transpose(-1, -2), dy_h).permute(0, 1, 3, 2, 4)
-    d_weights = torch.matmul(dy_h, x_dt.permute(0, 1, 3, 4, 2))  # [b, c, h, q(i), q(j)]
-    d_decay = d_weights.view(b, c, g, r, q, q).mul_(decay)  # dW * exp(..), also = dcs terms / scores
-    d_scores = d_decay.sum(3).tril_()
-    both = (d_decay * scores.unsqueeze(3)).view(b, c, h, q, q)  # dW * W
+    dy_h = dy.permute(0, 1, 3, 2, 4).contiguous()  # [b, c, h, q, p], copied once for both products
+    dx_dt = torch.matmul(saved.weights.transpose(-1, -2), dy_h).permute(0, 1, 3, 2, 4)
+    d_weights = torch.matmul(dy_h, saved.x_heads.transpose(-1, -2))  # [b, c, h, q(i), q(j)]
+    both = d_weights * saved.weights  # dW * W: the cs terms
     dcs = (both.sum(-1) - both.sum(-2)).transpose(2, 3)
+    d_scores = d_weights.mul_(saved.decay).view(b, c, g, r, q, q).sum(3).tril_()  # sum over a group's heads
     dC = torch.matmul(d_scores, Bc)
     dB = torch.matmul(d_scores.transpose(-1, -2), Cc)
     return dx_dt, dB, dC, dcs
