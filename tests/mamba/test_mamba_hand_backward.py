@@ -51,11 +51,11 @@ def test_gated_rms_norm_backward_matches_autograd() -> None:
     gen = torch.Generator().manual_seed(2)
     x, z, w = (_randn(gen, *s).requires_grad_() for s in [(2, 5, 12), (2, 5, 12), (12,)])
     expected = gated_rms_norm(x, w, z=z, eps=1e-5, group_size=4)
-    out, rstd = gated_rms_norm_forward(x.detach(), z.detach(), w.detach(), 1e-5, 4)
+    out, saved = gated_rms_norm_forward(x.detach(), z.detach(), w.detach(), 1e-5, 4)
     torch.testing.assert_close(out, expected.detach(), atol=1e-12, rtol=0)
     grad = _randn(gen, 2, 5, 12)
     expected.backward(grad)
-    for mine, leaf in zip(gated_rms_norm_backward(grad, x.detach(), z.detach(), w.detach(), rstd), (x, z, w)):
+    for mine, leaf in zip(gated_rms_norm_backward(grad, x.detach(), z.detach(), w.detach(), saved), (x, z, w)):
         torch.testing.assert_close(mine, leaf.grad, atol=1e-12, rtol=0)
 
 

@@ -30,13 +30,14 @@ def causal_conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
     """
     taps = weight.shape[-1]
     per_tap = _taps(weight, x.dtype)  # [K, c]
-    out = torch.mul(x, per_tap[taps - 1])
+    if bias is None:
+        out = torch.mul(x, per_tap[taps - 1])
+    else:  # bias and the current tap in one pass
+        out = torch.addcmul(bias.to(per_tap.dtype), x, per_tap[taps - 1])
     for k in range(taps - 1):
         back = taps - 1 - k
         if back < x.shape[1]:
             out[:, back:].addcmul_(x[:, :-back], per_tap[k])
-    if bias is not None:
-        out += bias.to(out.dtype)
     return out
 
 

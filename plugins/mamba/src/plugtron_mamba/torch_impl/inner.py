@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .conv import causal_conv_backward, causal_conv_forward
-from .norm import gated_rms_norm_backward, gated_rms_norm_forward
+from .norm import NormSaved, gated_rms_norm_backward, gated_rms_norm_forward
 from .ssd import Chunked, ScanSaved, scan_forward
 from .ssd_grad import scan_backward
 
@@ -90,16 +90,18 @@ class _ConvScanNorm(torch.autograd.Function):
         y, _, saved = scan_forward(chunked, _skip_weight(D, shape).to(pre.dtype), None)
         y = y.flatten(-2)
         if shape.norm_group is None:
-            out, rstd = y * F.silu(z.to(y.dtype)), None
+            out, norm_saved = y * F.silu(z.to(y.dtype)), (None, None, None)
         else:
-            out, rstd = gated_rms_norm_forward(y, z, norm_weight, shape.norm_eps, shape.norm_group)
-        ctx.save_for_backward(zxbcdt, conv_weight, dt_bias, A_log, D, norm_weight, pre, y, rstd, *chunked[:-1], *saved)
+            out, norm_saved = gated_rms_norm_forward(y, z, norm_weight, shape.norm_eps, shape.norm_group)
+        ctx.save_for_backward(zxbcdt, conv_weight, dt_bias, A_log, D, norm_weight, pre, y, *norm_saved,
+                              *chunked[:-1], *saved)
         ctx.shape, ctx.has_conv_bias, ctx.length = shape, conv_bias is not None, chunked.length
         return out.to(zxbcdt.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
-        zxbcdt, conv_weight, dt_bias, A_log, D, norm_weight, pre, y, rstd, *rest = ctx.saved_tensors
+        zxbcdt, conv_weight, dt_bias, A_log, D, norm_weight, pre, y, *rest = ctx.saved_tensors
+        norm_saved, rest = NormSaved(*rest[:3]), rest[3:]
         fields = len(Chunked._fields) - 1
         chunked, saved = Chunked(*rest[:fields], ctx.length), ScanSaved(*rest[fields:])
         shape: InnerShape = ctx.shape
@@ -109,17 +111,20 @@ class _ConvScanNorm(torch.autograd.Function):
         z = zxbcdt[..., : shape.d_inner]
 
         grad_out = grad_out.to(y.dtype)
-        if rstd is None:
+        if norm_saved.rstd is None:
             gate = F.silu(z.to(y.dtype))
             dy, dz, d_norm = grad_out * gate, torch.ops.aten.silu_backward(grad_out * y, z.to(y.dtype)), None
         else:
-            dy, dz, d_norm = gated_rms_norm_backward(grad_out, y, z, norm_weight, rstd)
+            dy, dz, d_norm = gated_rms_norm_backward(grad_out, y, z, norm_weight, norm_saved)
         grad_z.copy_(dz)
 
         dt_in = zxbcdt[..., -shape.nheads :].to(pre.dtype) + dt_bias.to(pre.dtype)
         skip = _skip_weight(D, shape).to(pre.dtype)
-        grads = scan_backward(chunked, skip, saved, dy.view(b, s, shape.nheads, shape.headdim), None)
-        d_act = torch.cat([grads.x.flatten(-2), grads.B.flatten(-2), grads.C.flatten(-2)], dim=-1)
+        d_act = torch.empty_like(pre)  # [b, s, x|B|C], filled in place by the scan's backward
+        h, p, g, n = shape.nheads, shape.headdim, shape.ngroups, shape.d_state
+        d_x, d_B, d_C = d_act.split([h * p, g * n, g * n], dim=-1)
+        into = (d_x.view(b, s, h, p), d_B.view(b, s, g, n), d_C.view(b, s, g, n))
+        grads = scan_backward(chunked, skip, saved, dy.view(b, s, h, p), None, into=into)
         d_pre = torch.ops.aten.silu_backward(d_act, pre)
         _, d_conv_w, d_conv_b = causal_conv_backward(d_pre, zxbcdt[..., shape.d_inner : shape.d_inner + shape.splits[1]],
                                                      conv_weight, ctx.has_conv_bias, grad_x_out=grad_xbc)

@@ -21,13 +21,13 @@ at least float32 (as the Triton kernel does) and the result is cast back to ``x.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["GatedRMSNorm", "gated_rms_norm", "gated_rms_norm_backward", "gated_rms_norm_forward"]
+__all__ = ["GatedRMSNorm", "NormSaved", "gated_rms_norm", "gated_rms_norm_backward", "gated_rms_norm_forward"]
 
 
 def gated_rms_norm(
@@ -59,34 +59,43 @@ def gated_rms_norm(
     return out.to(x.dtype)
 
 
+class NormSaved(NamedTuple):
+    """What :func:`gated_rms_norm_backward` needs from the forward."""
+
+    gate: torch.Tensor  # silu(z), [..., hidden]
+    normed: torch.Tensor  # (x * gate) * rstd, [..., groups, group_size]
+    rstd: torch.Tensor  # [..., groups, 1]
+
+
 def gated_rms_norm_forward(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float, group_size: int
-                           ) -> Tuple[torch.Tensor, torch.Tensor]:
+                           ) -> Tuple[torch.Tensor, NormSaved]:
     """``rmsnorm_per_group(x * silu(z)) * weight`` (gate before norm, the mixer's only mode),
-    without a graph: ``(out, rstd)`` in at least float32, ``rstd`` per group, for
-    :func:`gated_rms_norm_backward`."""
+    without a graph: ``(out, saved)`` in at least float32, for :func:`gated_rms_norm_backward`."""
     cdt = torch.promote_types(x.dtype, torch.float32)
-    gated = (x.to(cdt) * F.silu(z.to(cdt))).unflatten(-1, (-1, group_size))
+    gate = F.silu(z.to(cdt))
+    gated = (x.to(cdt) * gate).unflatten(-1, (-1, group_size))
     rstd = torch.rsqrt(gated.square().mean(-1, keepdim=True) + eps)
-    return (gated * rstd).flatten(-2) * weight.to(cdt), rstd
+    normed = gated.mul_(rstd)
+    return normed.flatten(-2) * weight.to(cdt), NormSaved(gate, normed, rstd)
 
 
 def gated_rms_norm_backward(grad: torch.Tensor, x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor,
-                            rstd: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                            saved: NormSaved) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(grad_x, grad_z, grad_weight)`` of :func:`gated_rms_norm_forward`, in the compute dtype.
 
     With ``h = x * silu(z)`` and ``n = h * rstd`` per group: ``dn = grad * weight``,
     ``dh = rstd * (dn - n * mean(dn * n))``, ``dx = dh * silu(z)``,
-    ``dz = dh * x * silu'(z)``; the gate is recomputed, not stored.
+    ``dz = dh * x * silu'(z)``.
     """
-    cdt = rstd.dtype
-    x, z = x.to(cdt), z.to(cdt)
-    gate = F.silu(z)
-    normed = (x * gate).unflatten(-1, (rstd.shape[-2], -1)).mul_(rstd)
+    gate, normed, rstd = saved
+    cdt, group_size = rstd.dtype, normed.shape[-1]
+    grad = grad.to(cdt)
     grad_weight = (grad.flatten(0, -2) * normed.flatten(-2).flatten(0, -2)).sum(0)
     d_normed = (grad * weight.to(cdt)).unflatten(-1, normed.shape[-2:])
-    inner = (d_normed * normed).mean(-1, keepdim=True)
-    d_gated = (d_normed - normed * inner).mul_(rstd).flatten(-2)
-    grad_z = torch.ops.aten.silu_backward(d_gated * x, z)
+    # mean(dn * n) per group as batched dot products (no product-sized temporary)
+    inner = torch.bmm(d_normed.reshape(-1, 1, group_size), normed.reshape(-1, group_size, 1)).view(rstd.shape)
+    d_gated = torch.addcmul(d_normed, normed, inner, value=-1.0 / group_size).mul_(rstd).flatten(-2)
+    grad_z = torch.ops.aten.silu_backward(d_gated * x.to(cdt), z.to(cdt))
     return d_gated.mul_(gate), grad_z, grad_weight.to(weight.dtype)
 
 

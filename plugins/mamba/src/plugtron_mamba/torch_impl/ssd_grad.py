@@ -53,8 +53,13 @@ class ScanGrads(NamedTuple):
 
 
 def scan_backward(ch: "Chunked", D: Optional[torch.Tensor], saved: "ScanSaved", dy: torch.Tensor,
-                  dfinal: Optional[torch.Tensor]) -> ScanGrads:
-    """All input gradients of the scan, given ``dy`` ``[b, l, h, p]`` and ``dfinal`` ``[b, h, p, n]``."""
+                  dfinal: Optional[torch.Tensor], into: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+                  ) -> ScanGrads:
+    """All input gradients of the scan, given ``dy`` ``[b, l, h, p]`` and ``dfinal`` ``[b, h, p, n]``.
+
+    ``into``: optional ``(x, B, C)``-shaped tensors (any strides) that receive the
+    gradients of x, B and C, so a caller packing them side by side needs no concatenation.
+    """
     b, c, q, h = ch.cs.shape
     p, g, n = ch.x_dt.shape[-1], ch.Bc.shape[2], ch.Bc.shape[-1]
     l, big = ch.length, c * q
@@ -86,9 +91,13 @@ def scan_backward(ch: "Chunked", D: Optional[torch.Tensor], saved: "ScanSaved", 
     if D is not None:
         x = ch.x[:, :l]
         D = D.to(dx.dtype)
-        dx = torch.addcmul(dx, dy, D[:, None] if D.dim() == 1 else D)
+        dx = torch.addcmul(dx, dy, D[:, None] if D.dim() == 1 else D, out=None if into is None else into[0])
         dD = (dy * x).sum((0, 1)) if D.dim() == 2 else (dy * x).sum((0, 1, 3))
+    elif into is not None:
+        dx = into[0].copy_(dx)
     dB, dC = (t.transpose(2, 3).reshape(b, big, g, n)[:, :l] for t in (dB, dC))
+    if into is not None:
+        dB, dC = into[1].copy_(dB), into[2].copy_(dC)
     return ScanGrads(dx, ddt[:, :l], dA, dB, dC, dD, d_initial.view(b, h, p, n))
 
 
