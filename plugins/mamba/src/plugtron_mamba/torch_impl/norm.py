@@ -92,8 +92,8 @@ def gated_rms_norm_backward(grad: torch.Tensor, x: torch.Tensor, z: torch.Tensor
     grad = grad.to(cdt)
     grad_weight = (grad.flatten(0, -2) * normed.flatten(-2).flatten(0, -2)).sum(0)
     d_normed = (grad * weight.to(cdt)).unflatten(-1, normed.shape[-2:])
-    # mean(dn * n) per group as batched dot products (no product-sized temporary)
-    inner = torch.bmm(d_normed.reshape(-1, 1, group_size), normed.reshape(-1, group_size, 1)).view(rstd.shape)
+    # mean(dn * n) per group, contracted without a product-sized temporary
+    inner = torch.einsum("...gk,...gk->...g", d_normed, normed).unsqueeze(-1)
     d_gated = torch.addcmul(d_normed, normed, inner, value=-1.0 / group_size).mul_(rstd).flatten(-2)
     grad_z = torch.ops.aten.silu_backward(d_gated * x.to(cdt), z.to(cdt))
     return d_gated.mul_(gate), grad_z, grad_weight.to(weight.dtype)
