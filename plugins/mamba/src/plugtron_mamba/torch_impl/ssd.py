@@ -166,6 +166,7 @@ class ScanSaved(NamedTuple):
     decay: torch.Tensor  # [b, c, h, q, q] in-chunk exp(cs_i - cs_j), clamped to <= 1 above the diagonal
     weights: torch.Tensor  # [b, c, h, q, q] decay * (C_i . B_j), causal
     x_heads: torch.Tensor  # [b, c, h, q, p] x_dt, heads before steps (the in-chunk matmul's layout)
+    x_to_end: torch.Tensor  # [b, c, q, h, p] x_dt * exp(cs_end - cs), what the chunk states are made of
 
 
 def scan_forward(ch: Chunked, D: Optional[torch.Tensor], initial: Optional[torch.Tensor]
@@ -175,7 +176,7 @@ def scan_forward(ch: Chunked, D: Optional[torch.Tensor], initial: Optional[torch
     p, g, n = ch.x_dt.shape[-1], ch.Bc.shape[2], ch.Bc.shape[-1]
     cs = ch.cs.transpose(2, 3)  # [b, c, h, q]
     y, decay, weights, x_heads = _within_chunks(cs, ch.x_dt, ch.Bc, ch.Cc, g)  # y: [b, c, g, q, r, p]
-    states = _chunk_states(cs, ch.x_dt, ch.Bc, g)  # [b, c, h, p*n], each chunk from a zero state
+    states, x_to_end = _chunk_states(cs, ch.x_dt, ch.Bc, g)  # [b, c, h, p*n], each chunk from a zero state
     across = torch.exp(cs[..., -1:])  # [b, c, h, 1] decay across each chunk
     init = states.new_zeros(b, h, p * n) if initial is None else initial.to(states.dtype).reshape(b, h, p * n)
     entering, final = recurrence_forward(across, states, init)
@@ -185,7 +186,7 @@ def scan_forward(ch: Chunked, D: Optional[torch.Tensor], initial: Optional[torch
     if D is not None:
         D = D.to(y.dtype)
         y = torch.addcmul(y, ch.x[:, : ch.length], D[:, None] if D.dim() == 1 else D)
-    return y, final.reshape(b, h, p, n), ScanSaved(entering, y_inter, decay, weights, x_heads)
+    return y, final.reshape(b, h, p, n), ScanSaved(entering, y_inter, decay, weights, x_heads, x_to_end)
 
 
 class _SSDScan(torch.autograd.Function):
@@ -224,14 +225,15 @@ def _within_chunks(cs: torch.Tensor, x_dt: torch.Tensor, Bc: torch.Tensor, Cc: t
     return y.view(b, c, g, r, q, p).transpose(3, 4), decay, weights, x_heads
 
 
-def _chunk_states(cs: torch.Tensor, x_dt: torch.Tensor, Bc: torch.Tensor, g: int) -> torch.Tensor:
-    """State each chunk produces from a zero start: sum_j exp(cs_end - cs_j) x_dt_j B_j^T, ``[b, c, h, p*n]``."""
+def _chunk_states(cs: torch.Tensor, x_dt: torch.Tensor, Bc: torch.Tensor, g: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """State each chunk produces from a zero start: sum_j exp(cs_end - cs_j) x_dt_j B_j^T, ``[b, c, h, p*n]``,
+    and the decayed inputs ``x_dt_j exp(cs_end - cs_j)`` ``[b, c, q, h, p]``."""
     b, c, h, q = cs.shape
     p, n = x_dt.shape[-1], Bc.shape[-1]
     to_end = torch.exp(cs[..., -1:] - cs).transpose(2, 3).unsqueeze(-1)  # [b, c, q, h, 1]
-    weighted = (x_dt * to_end).view(b, c, q, g, (h // g) * p).permute(0, 1, 3, 4, 2)  # [b, c, g, r*p, q]
-    states = torch.matmul(weighted, Bc)  # [b, c, g, r*p, n]
-    return states.view(b, c, h, p * n)
+    weighted = x_dt * to_end
+    states = torch.matmul(weighted.view(b, c, q, g, (h // g) * p).permute(0, 1, 3, 4, 2), Bc)  # [b, c, g, r*p, n]
+    return states.view(b, c, h, p * n), weighted
 
 
 def _from_entering_states(cs: torch.Tensor, entering: torch.Tensor, Cc: torch.Tensor, g: int) -> torch.Tensor:
