@@ -26,6 +26,11 @@ How it measures, and why:
   fastest timed step; every step's CPU and wall time is kept in ``raw``.
   Forward is ``torch.no_grad`` in eval mode; forward+backward is train mode,
   ``out.square().mean().backward()``. Target: plugtron >= 2x the reference.
+* **Ceiling**: the same process also times the two projection GEMMs alone
+  (``_projections_runner``, the mixer's own weights). Both mixers run exactly
+  these GEMMs, so ``reference time / projections time`` is the largest ratio
+  any scan, conv and norm could reach; it is printed per shape and length so a
+  ratio is read against what is possible (information, no target).
 * **Same outputs**: in that process, the two forward outputs (and the
   input-gradient of fwd+bwd) are compared; the max abs difference is reported
   next to the output scale. Target: <= 1e-4 (float32).
@@ -125,6 +130,30 @@ def _runner(side: str, mixer: Any, train: bool) -> Any:
     return run
 
 
+def _projections_runner(mixer: Any, train: bool) -> Any:
+    """The two projection GEMMs alone, with the mixer's weights: what both mixers run identically.
+
+    Its time is the floor under either mixer, so ``reference time / this time`` is the
+    largest ratio any scan, conv and norm could reach (the "ceiling" rows).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    w_in = mixer.in_proj.weight.detach().clone().requires_grad_(train)
+    w_out = mixer.out_proj.weight.detach().clone().requires_grad_(train)
+    d_inner = w_out.shape[1]
+
+    def run(x: Any) -> Any:
+        with torch.set_grad_enabled(train):
+            y = F.linear(F.linear(x, w_in)[..., :d_inner], w_out)
+            if train:
+                y.square().mean().backward()
+                w_in.grad = w_out.grad = None
+        return y
+
+    return run
+
+
 def _inputs(seq: int, train: bool) -> Any:
     import torch
 
@@ -145,22 +174,23 @@ def child_speed(shape: str, seqs: list[int], steps: dict[str, int], warmup: int)
         for mode, train in (("fwd", False), ("fwd+bwd", True)):
             runs = {side: _runner(side, m, train) for side, m in sides.items()}
             results, grads = {}, {}
-            for side, run in runs.items():  # correctness on identical inputs
+            for side, run in runs.items():  # correctness on identical inputs (projections: not a mixer)
                 x = _inputs(seq, train)
                 results[side] = run(x).detach()
                 grads[side] = x.grad
                 for param in sides[side].parameters():
                     param.grad = None
-            times: dict[str, list[float]] = {"plugtron": [], "reference": []}
-            walls: dict[str, list[float]] = {"plugtron": [], "reference": []}
+            runs["projections"] = _projections_runner(sides["plugtron"], train)
+            times: dict[str, list[float]] = {side: [] for side in runs}
+            walls: dict[str, list[float]] = {side: [] for side in runs}
             for step in range(warmup + steps[str(seq)]):
-                order = ["plugtron", "reference"] if step % 2 == 0 else ["reference", "plugtron"]
+                order = ["plugtron", "reference", "projections"] if step % 2 == 0 else ["projections", "reference", "plugtron"]
                 for side in order:
                     x = _inputs(seq, train)
                     start, wall = time.process_time(), time.perf_counter()
                     runs[side](x)
                     elapsed, wall = time.process_time() - start, time.perf_counter() - wall
-                    for param in sides[side].parameters():
+                    for param in sides.get(side, sides["plugtron"]).parameters():
                         param.grad = None
                     if step >= warmup:
                         times[side].append(elapsed)
@@ -229,7 +259,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
     """
     seqs = [512] if quick else [512, 2048]
     shapes = ["mamba2-130m"] if quick else list(SHAPES)
-    steps = {"512": 6 if quick else 8, "2048": 4}
+    steps = {"512": 6 if quick else 8, "2048": 6}
     rows: list[dict[str, Any]] = []
     for shape in shapes:
         speed = _child("child_speed", shape=shape, seqs=seqs, steps=steps, warmup=1)
@@ -247,6 +277,12 @@ def _shape_rows(shape: str, seqs: list[int], speed: dict[str, Any], memory: dict
                          "plugtron": f"{ours:,.0f}", "reference": f"{ref:,.0f}", "ratio": f"{ours / ref:.2f}x",
                          "target": f">= {SPEED_TARGET:.0f}x", "ok": ours / ref >= SPEED_TARGET,
                          "raw": {"cpu_s": r["times"], "wall_s": r["walls"]}})
+        ceilings = {mode: min(speed[f"{mode}@{seq}"]["times"]["reference"]) / min(speed[f"{mode}@{seq}"]["times"]["projections"])
+                    for mode in ("fwd", "fwd+bwd")}
+        rows.append({"benchmark": f"{shape} ceiling, L={seq}: reference time / time of the two projections alone "
+                                  "(identical GEMMs in both mixers)",
+                     "plugtron": " · ".join(f"{mode} {value:.2f}x" for mode, value in ceilings.items()), "reference": "",
+                     "ratio": "", "target": "none (information)", "ok": None})
         diffs = [speed[f"{mode}@{seq}"] for mode in ("fwd", "fwd+bwd")]
         worst = max(d["max_abs_diff"] for d in diffs)
         rows.append({"benchmark": f"{shape} same outputs, L={seq}: max abs diff of y and dL/dx",

@@ -130,3 +130,29 @@ def test_mixer_gradients_match_transformers(make_mixer: Any) -> None:
     hf_params = dict(hf.named_parameters())
     for name, param in mixer.named_parameters():
         torch.testing.assert_close(param.grad, hf_params[name].grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_conv_scan_norm_in_bfloat16_follows_float32() -> None:
+    """bf16 inputs and parameters: output and gradients come back in each tensor's own dtype,
+    and stay close to the float32 computation (the function computes in float32 inside)."""
+    shape = InnerShape(nheads=4, headdim=8, ngroups=2, d_state=8, chunk=4, norm_eps=1e-5, norm_group=16)
+    gen = torch.Generator().manual_seed(5)
+    channels = shape.splits[1]
+    base = [torch.randn(2, 11, sum(shape.splits), generator=gen), torch.randn(channels, 1, 4, generator=gen) * 0.5,
+            torch.randn(channels, generator=gen), torch.randn(4, generator=gen) * 0.5,
+            torch.rand(4, generator=gen), torch.randn(4, generator=gen), 1 + 0.3 * torch.randn(32, generator=gen)]
+    runs = []
+    for dtype in (torch.float32, torch.bfloat16):
+        # A_log and D stay float32, as the mixer keeps them
+        leaves = [t.to(torch.float32 if i in (4, 5) else dtype).detach().clone().requires_grad_()
+                  for i, t in enumerate(base)]
+        out = conv_scan_norm(*leaves, shape)
+        out.float().square().mean().backward()
+        runs.append((out, leaves))
+    (ref_out, ref_leaves), (out, leaves) = runs
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref_out.detach(), atol=0.05, rtol=0.05)
+    for i, (leaf, ref) in enumerate(zip(leaves, ref_leaves)):
+        assert leaf.grad.dtype == leaf.dtype, i
+        scale = ref.grad.abs().max()
+        assert (leaf.grad.float() - ref.grad).abs().max() <= 0.05 * scale, i
