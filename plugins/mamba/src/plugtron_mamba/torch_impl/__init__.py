@@ -1,8 +1,12 @@
 """Pure-PyTorch Mamba-2 building blocks (no Triton, mamba_ssm or causal_conv1d).
 
 * :func:`ssd_chunked` / :func:`ssd_sequential_reference` - the Mamba-2 scan
-  (``recurrence`` holds its chunk-to-chunk state hand-over and that step's backward).
+  (``ssd_grad`` is its hand-written backward, ``recurrence`` the chunk-to-chunk
+  state hand-over, forward and backward).
 * :class:`GatedRMSNorm` - grouped RMSNorm with SiLU gate (mamba_ssm semantics).
+* ``conv`` - the causal depthwise convolution over time, forward and backward.
+* ``inner`` - conv + scan + gated norm as one autograd function: what the mixer
+  runs between its two projections.
 * :class:`TorchMambaMixer` - megatron-core ``MambaMixer`` replacement with an
   identical parameter layout, for CPU runs, tests and reference numerics.
 

@@ -7,9 +7,12 @@ RMSNorm). Why one function with a hand-written backward: autograd through those
 ops spent more time on glue than on arithmetic (splitting the projection output
 and concatenating its gradient back, transposes around ``F.conv1d``, a dozen
 saved intermediates). Here the forward runs without a graph, keeps what the
-backward needs (the projection output, the conv pre-activation, the scan output,
-the entering chunk states, the norm's per-group ``rstd``) and the backward writes
-each gradient straight into its slice of one ``[z | xBC | dt]`` gradient tensor.
+backward needs (the projection output, the conv pre-activation, the scan's chunked
+inputs and :class:`~.ssd.ScanSaved`, the scan output, the norm's
+:class:`~.norm.NormSaved`) and the backward writes each gradient straight into
+its slice of one ``[z | xBC | dt]`` gradient tensor. Saving rather than
+recomputing costs memory (still below transformers' own path, see the benchmark)
+and saves time.
 
 It supports first derivatives only. Each piece's backward is tested against
 autograd through its plain-op definition, and the whole against the previous
@@ -26,7 +29,7 @@ import torch.nn.functional as F
 from .conv import causal_conv_backward, causal_conv_forward
 from .norm import NormSaved, gated_rms_norm_backward, gated_rms_norm_forward
 from .ssd import Chunked, ScanSaved, scan_forward
-from .ssd_grad import scan_backward
+from .ssd_grad import ScanGrads, scan_backward
 
 __all__ = ["InnerShape", "conv_scan_norm"]
 
@@ -101,36 +104,45 @@ class _ConvScanNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
         zxbcdt, conv_weight, dt_bias, A_log, D, norm_weight, pre, y, *rest = ctx.saved_tensors
-        norm_saved, rest = NormSaved(*rest[:3]), rest[3:]
         fields = len(Chunked._fields) - 1
-        chunked, saved = Chunked(*rest[:fields], ctx.length), ScanSaved(*rest[fields:])
+        norm_saved, chunked = NormSaved(*rest[:3]), Chunked(*rest[3 : 3 + fields], ctx.length)
         shape: InnerShape = ctx.shape
-        b, s, _ = zxbcdt.shape
         grad_in = torch.empty(zxbcdt.shape, dtype=zxbcdt.dtype, device=zxbcdt.device)
         grad_z, grad_xbc, grad_dt = grad_in.split(shape.splits, dim=-1)
-        z = zxbcdt[..., : shape.d_inner]
 
-        grad_out = grad_out.to(y.dtype)
-        if norm_saved.rstd is None:
-            gate = F.silu(z.to(y.dtype))
-            dy, dz, d_norm = grad_out * gate, torch.ops.aten.silu_backward(grad_out * y, z.to(y.dtype)), None
-        else:
-            dy, dz, d_norm = gated_rms_norm_backward(grad_out, y, z, norm_weight, norm_saved)
+        dy, dz, d_norm = _gate_norm_backward(grad_out.to(y.dtype), y, zxbcdt[..., : shape.d_inner], norm_weight,
+                                             norm_saved)
         grad_z.copy_(dz)
-
-        dt_in = zxbcdt[..., -shape.nheads :].to(pre.dtype) + dt_bias.to(pre.dtype)
-        skip = _skip_weight(D, shape).to(pre.dtype)
-        d_act = torch.empty_like(pre)  # [b, s, x|B|C], filled in place by the scan's backward
-        h, p, g, n = shape.nheads, shape.headdim, shape.ngroups, shape.d_state
-        d_x, d_B, d_C = d_act.split([h * p, g * n, g * n], dim=-1)
-        into = (d_x.view(b, s, h, p), d_B.view(b, s, g, n), d_C.view(b, s, g, n))
-        grads = scan_backward(chunked, skip, saved, dy.view(b, s, h, p), None, into=into)
+        d_act, grads = _scan_backward_packed(chunked, ScanSaved(*rest[3 + fields :]), D, dy, pre, shape)
         d_pre = torch.ops.aten.silu_backward(d_act, pre)
-        _, d_conv_w, d_conv_b = causal_conv_backward(d_pre, zxbcdt[..., shape.d_inner : shape.d_inner + shape.splits[1]],
-                                                     conv_weight, ctx.has_conv_bias, grad_x_out=grad_xbc)
+        xbc = zxbcdt[..., shape.d_inner : shape.d_inner + shape.splits[1]]
+        _, d_conv_w, d_conv_b = causal_conv_backward(d_pre, xbc, conv_weight, ctx.has_conv_bias, grad_x_out=grad_xbc)
+        dt_in = zxbcdt[..., -shape.nheads :].to(pre.dtype) + dt_bias.to(pre.dtype)
         d_dt_in = grads.dt * torch.sigmoid(dt_in)  # softplus' = sigmoid
         grad_dt.copy_(d_dt_in)
         d_dt_bias = d_dt_in.sum((0, 1)).to(dt_bias.dtype)
         d_A_log = (grads.A * -torch.exp(A_log.to(pre.dtype))).to(A_log.dtype)
         d_D = grads.D.reshape(D.shape).to(D.dtype)
         return grad_in, d_conv_w, d_conv_b, d_dt_bias, d_A_log, d_D, d_norm, None
+
+
+def _gate_norm_backward(grad: torch.Tensor, y: torch.Tensor, z: torch.Tensor, norm_weight: Optional[torch.Tensor],
+                        saved: NormSaved) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """``(dy, dz, d_norm_weight)`` of the output stage: gated RMSNorm, or ``y * silu(z)`` without a norm."""
+    if saved.rstd is not None:
+        return gated_rms_norm_backward(grad, y, z, norm_weight, saved)
+    z = z.to(y.dtype)
+    return grad * F.silu(z), torch.ops.aten.silu_backward(grad * y, z), None
+
+
+def _scan_backward_packed(chunked: Chunked, saved: ScanSaved, D: torch.Tensor, dy: torch.Tensor, pre: torch.Tensor,
+                          shape: InnerShape) -> Tuple[torch.Tensor, ScanGrads]:
+    """The scan's gradients, with those of x, B and C written side by side into one ``[b, s, x|B|C]``
+    tensor (the layout of the conv output they came from)."""
+    b, s, _ = pre.shape
+    h, p, g, n = shape.nheads, shape.headdim, shape.ngroups, shape.d_state
+    d_act = torch.empty_like(pre)
+    d_x, d_B, d_C = d_act.split([h * p, g * n, g * n], dim=-1)
+    into = (d_x.view(b, s, h, p), d_B.view(b, s, g, n), d_C.view(b, s, g, n))
+    skip = _skip_weight(D, shape).to(pre.dtype)
+    return d_act, scan_backward(chunked, skip, saved, dy.view(b, s, h, p), None, into=into)

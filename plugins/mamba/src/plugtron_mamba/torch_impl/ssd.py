@@ -94,7 +94,8 @@ class Chunked(NamedTuple):
     length: int  # l, before padding
 
     @classmethod
-    def of(cls, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, q: int) -> "Chunked":
+    def of(cls, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, q: int
+           ) -> "Chunked":
         b, l, h, p = x.shape
         g, n = B.shape[2], B.shape[3]
         cdt = torch.promote_types(x.dtype, torch.float32)
@@ -192,7 +193,8 @@ def scan_forward(ch: Chunked, D: Optional[torch.Tensor], initial: Optional[torch
 class _SSDScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-                D: Optional[torch.Tensor], initial: Optional[torch.Tensor], chunk: int) -> Tuple[torch.Tensor, torch.Tensor]:
+                D: Optional[torch.Tensor], initial: Optional[torch.Tensor], chunk: int
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
         y, final, saved = scan_forward(Chunked.of(x, dt, A, B, C, chunk), D, initial)
         ctx.save_for_backward(x, dt, A, B, C, D, *saved)
         ctx.chunk = chunk
