@@ -139,6 +139,22 @@ class LanguageModelBuilder(ModelBuilder):
     per-token loss [b, s] with labels and the logits without.
     """
 
+    def language_model_kwargs(self, *, pre_process: bool, post_process: bool, pg_collection: Any) -> dict[str, Any]:
+        """Constructor keywords every megatron language model takes (``GPTModel``, ``MambaModel``),
+        from the :class:`~plugtron.config.language.LanguageModelConfig` fields; a family adds its own
+        (position embeddings, MTP, the hybrid pattern ...)."""
+        cfg = self.config
+        return dict(
+            config=cfg.transformer,
+            vocab_size=cfg.padded_vocab_size(),
+            max_sequence_length=cfg.seq_length,
+            pre_process=pre_process,
+            post_process=post_process,
+            parallel_output=cfg.parallel_output,
+            share_embeddings_and_output_weights=cfg.share_embeddings_and_output_weights,
+            pg_collection=pg_collection,
+        )
+
     def tp_row_blocks(self, name: str, param: Any) -> list[int] | None:
         """Gated MLPs keep ``[gate_r; up_r]`` per rank: two equal blocks."""
         if self.config.gated_linear_unit and name.endswith(("mlp.linear_fc1.weight", "mlp.linear_fc1.bias")):

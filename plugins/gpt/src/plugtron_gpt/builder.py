@@ -38,16 +38,11 @@ class GPTModelBuilder(LanguageModelBuilder):
 
         cfg = self.config
         layer_spec = self.layer_spec()
+        kwargs = self.language_model_kwargs(pre_process=pre_process, post_process=post_process, pg_collection=pg_collection)
         return GPTModel(
-            config=self._transformer_config(),
+            **dict(kwargs, config=self._transformer_config()),
             transformer_layer_spec=layer_spec,
-            vocab_size=cfg.padded_vocab_size(),
-            max_sequence_length=cfg.seq_length,
-            pre_process=pre_process,
-            post_process=post_process,
             fp16_lm_cross_entropy=cfg.fp16_lm_cross_entropy,
-            parallel_output=cfg.parallel_output,
-            share_embeddings_and_output_weights=cfg.share_embeddings_and_output_weights,
             position_embedding_type=cfg.position_embedding_type,
             rotary_percent=cfg.rotary_percent,
             rotary_base=cfg.rotary_base,
@@ -56,7 +51,6 @@ class GPTModelBuilder(LanguageModelBuilder):
             scatter_embedding_sequence_parallel=cfg.scatter_embedding_sequence_parallel,
             seq_len_interpolation_factor=cfg.seq_len_interpolation_factor,
             mtp_block_spec=self.mtp_block_spec(layer_spec, vp_stage),
-            pg_collection=pg_collection,
             vp_stage=vp_stage,
         )
 

@@ -22,20 +22,14 @@ from plugtron_mamba.specs import mixer_params
 
 class MambaModelBuilder(LanguageModelBuilder):
     def _model_kwargs(self, pre_process: bool, post_process: bool, pg_collection: Any) -> dict[str, Any]:
+        """The core's language-model keywords plus the position-embedding fields of this family's config."""
         cfg = self.config
         return dict(
-            config=cfg.transformer,
-            vocab_size=cfg.padded_vocab_size(),
-            max_sequence_length=cfg.seq_length,
-            pre_process=pre_process,
-            post_process=post_process,
-            parallel_output=cfg.parallel_output,
-            share_embeddings_and_output_weights=cfg.share_embeddings_and_output_weights,
+            self.language_model_kwargs(pre_process=pre_process, post_process=post_process, pg_collection=pg_collection),
             position_embedding_type=cfg.position_embedding_type,
             rotary_percent=cfg.rotary_percent,
             rotary_base=cfg.rotary_base,
             seq_len_interpolation_factor=cfg.seq_len_interpolation_factor,
-            pg_collection=pg_collection,
         )
 
     def build_stage(self, *, pre_process: bool, post_process: bool, vp_stage: int | None, pg_collection: Any) -> torch.nn.Module:
