@@ -93,15 +93,8 @@ class TorchMambaMixer(MegatronModule):
         pp_layer_offset: int = 0,
     ) -> None:
         super().__init__(config)
-        deprecated = dict(use_mem_eff_path=use_mem_eff_path, d_state=d_state, headdim=headdim)
-        for name, value in dict(deprecated, ngroups=ngroups).items():
-            if value is not None:
-                msg = f"'{name}' is deprecated and ignored (read from TransformerConfig)"
-                warnings.warn(msg, DeprecationWarning)
-        if bias:
-            raise ValueError("MambaMixer does not support bias=True (megatron asserts this)")
-        if norm_before_gate:
-            raise ValueError("MambaMixer requires norm_before_gate=False (megatron asserts this)")
+        _refuse_unsupported(bias, norm_before_gate, dict(use_mem_eff_path=use_mem_eff_path, d_state=d_state,
+                                                          headdim=headdim, ngroups=ngroups))
         if pg_collection is None:
             # megatron requires it; defaulting to the global groups is a convenience
             pg_collection = ProcessGroupCollection.use_mpu_process_groups(["tp", "cp"])
@@ -116,6 +109,33 @@ class TorchMambaMixer(MegatronModule):
         self.chunk_size, self.layer_number = chunk_size, layer_number
         self.pp_layer_offset = pp_layer_offset
         self.use_mem_eff_path = config.use_mamba_mem_eff_path
+        self._set_sizes(config, expand, d_model)
+
+        device = (
+            torch.device("cpu")
+            if config.use_cpu_initialization or not torch.cuda.is_available()
+            else torch.device("cuda", torch.cuda.current_device())
+        )
+        # Creation order matters: it is the order megatron draws random numbers in.
+        self.in_proj = self._projection(submodules.in_proj, self.d_model,
+                                        self.d_inner * 2 + 2 * self.ngroups * self.d_state + self.nheads,  # z x B C dt
+                                        column=True)
+        self._build_conv(device, config.params_dtype, conv_bias)
+        self._build_ssm_parameters(device, config.params_dtype, (dt_min, dt_max, dt_init_floor), A_init_range)
+        if rmsnorm:
+            self.norm = GatedRMSNorm(
+                self.d_inner_local_tp,
+                eps=1e-5,
+                group_size=self.d_inner_local_tp // self.ngroups_local_tp,
+                norm_before_gate=False,
+                device=device,
+                dtype=config.params_dtype,
+            )
+            mark_tensor_parallel(self.norm.weight)
+        self.out_proj = self._projection(submodules.out_proj, self.d_inner, self.d_model, column=False)
+
+    def _set_sizes(self, config: TransformerConfig, expand: float, d_model: int) -> None:
+        """State, head and group sizes from the config, and this TP rank's share of them."""
         self.d_state = config.mamba_state_dim
         self.headdim = config.mamba_head_dim
         self.ngroups = config.mamba_num_groups
@@ -141,84 +161,55 @@ class TorchMambaMixer(MegatronModule):
         self.d_inner_local_tp = self.d_inner // tp_size
         self.ngroups_local_tp = self.ngroups // tp_size
 
-        device = (
-            torch.device("cpu")
-            if config.use_cpu_initialization or not torch.cuda.is_available()
-            else torch.device("cuda", torch.cuda.current_device())
-        )
-        dtype = config.params_dtype
-
-        # Full (un-split) output size; ColumnParallelLinear keeps 1/tp of the rows.
-        self.in_proj = build_module(
-            submodules.in_proj,
-            self.d_model,
-            self.d_inner * 2 + 2 * self.ngroups * self.d_state + self.nheads,  # z x B C dt
+    def _projection(self, layer: Any, rows_in: int, rows_out: int, *, column: bool) -> nn.Module:
+        """in_proj (column-parallel, full output size; each rank keeps 1/tp of the rows) or
+        out_proj (row-parallel), with megatron's arguments."""
+        parallel = dict(gather_output=False) if column else dict(input_is_parallel=True)
+        return build_module(
+            layer,
+            rows_in,
+            rows_out,
             config=self.config,
-            init_method=self.config.init_method,
-            gather_output=False,
-            bias=bias,
-            skip_bias_add=False,
+            init_method=self.config.init_method if column else self.config.output_layer_init_method,
+            bias=False,
+            skip_bias_add=not column,
             is_expert=False,
-            tp_comm_buffer_name="fc1",
+            tp_comm_buffer_name="fc1" if column else "fc2",
             tp_group=self.tp_group,
+            **parallel,
         )
 
-        conv_dim = self.d_inner_local_tp + 2 * self.ngroups_local_tp * self.d_state  # x B C
+    def _build_conv(self, device: torch.device, dtype: torch.dtype, conv_bias: bool) -> None:
+        """Depthwise causal conv over ``x | B | C`` (weight ``[conv_dim, 1, d_conv]``), megatron's init."""
+        conv_dim = self.d_inner_local_tp + 2 * self.ngroups_local_tp * self.d_state
         with rng_fork():
-            # Depthwise causal conv; weight [conv_dim, 1, d_conv].
             self.conv1d = nn.Conv1d(
-                conv_dim, conv_dim, kernel_size=d_conv, groups=conv_dim, padding=d_conv - 1,
+                conv_dim, conv_dim, kernel_size=self.d_conv, groups=conv_dim, padding=self.d_conv - 1,
                 bias=conv_bias, device=device, dtype=dtype,
             )
             mark_tensor_parallel(self.conv1d.weight)
             mark_tensor_parallel(self.conv1d.bias)
-            if config.perform_initialization:
-                if conv_init is not None:
-                    nn.init.uniform_(self.conv1d.weight, -conv_init, conv_init)
+            if self.config.perform_initialization:
+                if self.conv_init is not None:
+                    nn.init.uniform_(self.conv1d.weight, -self.conv_init, self.conv_init)
                 else:
                     nn.init.kaiming_uniform_(self.conv1d.weight, a=math.sqrt(5))
         self.activation = "silu"
         self.act = nn.SiLU()
 
+    def _build_ssm_parameters(self, device: torch.device, dtype: torch.dtype,
+                              dt_range: Tuple[float, float, float], A_init_range: Tuple[float, float]) -> None:
+        """``dt_bias``, ``A_log`` and ``D`` for this rank's heads (``A_log`` and ``D`` kept in float32)."""
         n_local = self.nheads_local_tp
+        dt_min, dt_max, dt_init_floor = dt_range
         with rng_fork():
-            self.dt_bias = nn.Parameter(
-                init_dt_bias(n_local, dt_min, dt_max, dt_init_floor, device, dtype)
-            )
+            self.dt_bias = nn.Parameter(init_dt_bias(n_local, dt_min, dt_max, dt_init_floor, device, dtype))
             mark_tensor_parallel(self.dt_bias)
-            self.A_log = nn.Parameter(  # kept in fp32
-                init_A_log(n_local, A_init_range, config.perform_initialization, device)
-            )
+            self.A_log = nn.Parameter(init_A_log(n_local, A_init_range, self.config.perform_initialization, device))
             mark_tensor_parallel(self.A_log)
-
-        d_size = self.d_inner_local_tp if D_has_hdim else self.nheads_local_tp
-        self.D = nn.Parameter(torch.ones(d_size, device=device, dtype=torch.float32))  # fp32
+        d_size = self.d_inner_local_tp if self.D_has_hdim else n_local
+        self.D = nn.Parameter(torch.ones(d_size, device=device, dtype=torch.float32))
         mark_tensor_parallel(self.D)
-
-        if rmsnorm:
-            self.norm = GatedRMSNorm(
-                self.d_inner_local_tp,
-                eps=1e-5,
-                group_size=self.d_inner_local_tp // self.ngroups_local_tp,
-                norm_before_gate=False,
-                device=device,
-                dtype=dtype,
-            )
-            mark_tensor_parallel(self.norm.weight)
-
-        self.out_proj = build_module(
-            submodules.out_proj,
-            self.d_inner,
-            self.d_model,
-            config=self.config,
-            init_method=self.config.output_layer_init_method,
-            bias=bias,
-            input_is_parallel=True,
-            skip_bias_add=True,
-            is_expert=False,
-            tp_comm_buffer_name="fc2",
-            tp_group=self.tp_group,
-        )
 
     def forward(
         self,
@@ -288,3 +279,14 @@ class TorchMambaMixer(MegatronModule):
         from .sharding import mamba_mixer_sharded_state_dict
 
         return mamba_mixer_sharded_state_dict(self, prefix, sharded_offsets, metadata)
+
+
+def _refuse_unsupported(bias: bool, norm_before_gate: bool, deprecated: dict) -> None:
+    """megatron's assertions, and its warnings for arguments it reads from the config instead."""
+    for name, value in deprecated.items():
+        if value is not None:
+            warnings.warn(f"'{name}' is deprecated and ignored (read from TransformerConfig)", DeprecationWarning)
+    if bias:
+        raise ValueError("MambaMixer does not support bias=True (megatron asserts this)")
+    if norm_before_gate:
+        raise ValueError("MambaMixer requires norm_before_gate=False (megatron asserts this)")
