@@ -228,67 +228,85 @@ def from_megatron_fields(fields: dict[str, Any], architecture: str,
     ``passthrough`` (typically the original HF config) contributes only its
     :data:`NON_NUMERIC_KEYS` such as token ids, which megatron fields do not carry.
     """
-    import transformers
+    _check_expressible(fields, architecture)
+    cfg = _gpt2_config(fields) if architecture == GPT2 else _llama_like_config(fields, architecture)
+    out = cfg.to_dict()
+    for key, value in (passthrough or {}).items():
+        if key in NON_NUMERIC_KEYS and key not in ("architectures", "model_type", "transformers_version"):
+            out[key] = value
+    out["architectures"] = [architecture]
+    return out
 
+
+def _check_expressible(fields: dict[str, Any], architecture: str) -> None:
+    """A supported architecture, megatron-only switches at their defaults, the sizes present."""
     if architecture not in SUPPORTED_ARCHITECTURES:
         raise UnsupportedConfigError("architecture", f"{architecture!r} is not one of {SUPPORTED_ARCHITECTURES}")
     for key, default in _MEGATRON_MUST_BE_DEFAULT.items():
         if fields.get(key, default) not in (default,):
             raise UnsupportedConfigError(key, f"is {fields[key]!r}; {architecture} cannot express anything but {default!r}")
-    f, arch = fields, architecture
     for key in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "seq_length"):
-        if f.get(key) is None:
+        if fields.get(key) is None:
             raise UnsupportedConfigError(key, "required to build an HF config but missing")
+
+
+def _shared_sizes(f: dict[str, Any]) -> tuple[int, int, int, int, bool, float]:
+    """(hidden, heads, head_dim, ffn, tied embeddings, norm eps) with megatron's defaults."""
     hidden, heads = f["hidden_size"], f["num_attention_heads"]
-    groups = f.get("num_query_groups") or heads
     head_dim = f.get("kv_channels") or hidden // heads
     ffn = f.get("ffn_hidden_size") or 4 * hidden
-    share = bool(f.get("share_embeddings_and_output_weights", True))
-    eps = f.get("layernorm_epsilon", 1e-5)
-    act = _need(f, "activation", tuple(_HF_ACT[GPT2 if arch == GPT2 else LLAMA]), arch, GELU)
-    if arch == GPT2:
-        _need(f, "normalization", ("LayerNorm",), arch, "LayerNorm")
-        _need(f, "gated_linear_unit", (False,), arch, False)
-        _need(f, "position_embedding_type", ("learned_absolute",), arch, "learned_absolute")
-        _need(f, "add_bias_linear", (True,), arch, True)
-        _need(f, "qk_layernorm", (False,), arch, False)
-        _need(f, "num_query_groups", (None, heads), arch)
-        _need(f, "kv_channels", (None, hidden // heads), arch)
-        cfg = transformers.GPT2Config(
-            vocab_size=f["vocab_size"], n_positions=f["seq_length"], n_embd=hidden, n_layer=f["num_layers"],
-            n_head=heads, n_inner=None if ffn == 4 * hidden else ffn, activation_function=_HF_ACT[GPT2][act],
-            layer_norm_epsilon=eps, tie_word_embeddings=share)
+    return hidden, heads, head_dim, ffn, bool(f.get("share_embeddings_and_output_weights", True)), f.get("layernorm_epsilon", 1e-5)
+
+
+def _gpt2_config(f: dict[str, Any]) -> Any:
+    import transformers
+
+    arch = GPT2
+    hidden, heads, _, ffn, share, eps = _shared_sizes(f)
+    act = _need(f, "activation", tuple(_HF_ACT[GPT2]), arch, GELU)
+    _need(f, "normalization", ("LayerNorm",), arch, "LayerNorm")
+    _need(f, "gated_linear_unit", (False,), arch, False)
+    _need(f, "position_embedding_type", ("learned_absolute",), arch, "learned_absolute")
+    _need(f, "add_bias_linear", (True,), arch, True)
+    _need(f, "qk_layernorm", (False,), arch, False)
+    _need(f, "num_query_groups", (None, heads), arch)
+    _need(f, "kv_channels", (None, hidden // heads), arch)
+    return transformers.GPT2Config(
+        vocab_size=f["vocab_size"], n_positions=f["seq_length"], n_embd=hidden, n_layer=f["num_layers"],
+        n_head=heads, n_inner=None if ffn == 4 * hidden else ffn, activation_function=_HF_ACT[GPT2][act],
+        layer_norm_epsilon=eps, tie_word_embeddings=share)
+
+
+def _llama_like_config(f: dict[str, Any], arch: str) -> Any:
+    """Llama, Mistral, Qwen2 and Qwen3: gated MLP, RMSNorm, RoPE; they differ in biases and head_dim."""
+    import transformers
+
+    hidden, heads, head_dim, ffn, share, eps = _shared_sizes(f)
+    act = _need(f, "activation", tuple(_HF_ACT[LLAMA]), arch, GELU)
+    _need(f, "normalization", ("RMSNorm",), arch, "LayerNorm")
+    _need(f, "gated_linear_unit", (True,), arch, False)
+    _need(f, "position_embedding_type", ("rope", "yarn"), arch, "learned_absolute")
+    _need(f, "qk_layernorm", (arch == QWEN3,), arch, False)
+    bias_linear = f.get("add_bias_linear", True)
+    if arch == LLAMA:  # megatron's qkv has a bias if either flag is set; Llama needs all or none
+        if not bias_linear:
+            _need(f, "add_qkv_bias", (False,), arch, False)
     else:
-        _need(f, "normalization", ("RMSNorm",), arch, "LayerNorm")
-        _need(f, "gated_linear_unit", (True,), arch, False)
-        _need(f, "position_embedding_type", ("rope", "yarn"), arch, "learned_absolute")
-        _need(f, "qk_layernorm", (arch == QWEN3,), arch, False)
-        bias_linear = f.get("add_bias_linear", True)
-        if arch == LLAMA:  # megatron's qkv has a bias if either flag is set; Llama needs all or none
-            if not bias_linear:
-                _need(f, "add_qkv_bias", (False,), arch, False)
-        else:
-            _need(f, "add_bias_linear", (False,), arch, True)
-            _need(f, "add_qkv_bias", (arch == QWEN2,), arch, False)
-        kwargs: dict[str, Any] = dict(
-            vocab_size=f["vocab_size"], hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=f["num_layers"],
-            num_attention_heads=heads, num_key_value_heads=groups, hidden_act=_HF_ACT[LLAMA][act],
-            max_position_embeddings=f["seq_length"], rms_norm_eps=eps, tie_word_embeddings=share,
-            rope_parameters=rope_parameters_to_hf(f, arch))
-        if arch == LLAMA:
-            kwargs.update(head_dim=head_dim, attention_bias=bool(bias_linear), mlp_bias=bool(bias_linear))
-        elif arch == MISTRAL:
-            kwargs.update(head_dim=head_dim, sliding_window=None)
-        else:
-            kwargs.update(use_sliding_window=False, sliding_window=None)
-            if arch == QWEN3:
-                kwargs.update(head_dim=head_dim, attention_bias=False)
-            elif head_dim != hidden // heads:
-                kwargs.update(head_dim=head_dim)
-        cfg = getattr(transformers, _CONFIG_CLASSES[arch])(**kwargs)
-    out = cfg.to_dict()
-    for key, value in (passthrough or {}).items():
-        if key in NON_NUMERIC_KEYS and key not in ("architectures", "model_type", "transformers_version"):
-            out[key] = value
-    out["architectures"] = [arch]
-    return out
+        _need(f, "add_bias_linear", (False,), arch, True)
+        _need(f, "add_qkv_bias", (arch == QWEN2,), arch, False)
+    kwargs: dict[str, Any] = dict(
+        vocab_size=f["vocab_size"], hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=f["num_layers"],
+        num_attention_heads=heads, num_key_value_heads=f.get("num_query_groups") or heads,
+        hidden_act=_HF_ACT[LLAMA][act], max_position_embeddings=f["seq_length"], rms_norm_eps=eps,
+        tie_word_embeddings=share, rope_parameters=rope_parameters_to_hf(f, arch))
+    if arch == LLAMA:
+        kwargs.update(head_dim=head_dim, attention_bias=bool(bias_linear), mlp_bias=bool(bias_linear))
+    elif arch == MISTRAL:
+        kwargs.update(head_dim=head_dim, sliding_window=None)
+    else:
+        kwargs.update(use_sliding_window=False, sliding_window=None)
+        if arch == QWEN3:
+            kwargs.update(head_dim=head_dim, attention_bias=False)
+        elif head_dim != hidden // heads:
+            kwargs.update(head_dim=head_dim)
+    return getattr(transformers, _CONFIG_CLASSES[arch])(**kwargs)
