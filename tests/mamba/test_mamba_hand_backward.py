@@ -156,3 +156,25 @@ def test_conv_scan_norm_in_bfloat16_follows_float32() -> None:
         assert leaf.grad.dtype == leaf.dtype, i
         scale = ref.grad.abs().max()
         assert (leaf.grad.float() - ref.grad).abs().max() <= 0.05 * scale, i
+
+
+def test_conv_scan_norm_ignores_autocast() -> None:
+    """Under CPU autocast to bf16 the function still computes in float32: same output and
+    gradients as without autocast (autocast would otherwise run the scan's matmuls in bf16)."""
+    shape = InnerShape(nheads=4, headdim=8, ngroups=1, d_state=16, chunk=8, norm_eps=1e-5, norm_group=32)
+    gen = torch.Generator().manual_seed(6)
+    channels = shape.splits[1]
+    base = [torch.randn(1, 20, sum(shape.splits), generator=gen), torch.randn(channels, 1, 4, generator=gen) * 0.5,
+            torch.randn(channels, generator=gen), torch.randn(4, generator=gen), torch.rand(4, generator=gen),
+            torch.randn(4, generator=gen), 1 + 0.3 * torch.randn(32, generator=gen)]
+    runs = []
+    for enabled in (False, True):
+        leaves = [t.clone().requires_grad_() for t in base]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            out = conv_scan_norm(*leaves, shape)
+            out.square().mean().backward()
+        runs.append((out.detach(), [leaf.grad for leaf in leaves]))
+    assert runs[1][0].dtype == torch.float32
+    torch.testing.assert_close(runs[1][0], runs[0][0], atol=0, rtol=0)
+    for with_autocast, without in zip(runs[1][1], runs[0][1]):
+        torch.testing.assert_close(with_autocast, without, atol=0, rtol=0)

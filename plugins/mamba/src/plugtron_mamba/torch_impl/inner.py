@@ -66,6 +66,12 @@ def conv_scan_norm(zxbcdt: torch.Tensor, conv_weight: torch.Tensor, conv_bias: O
     return _ConvScanNorm.apply(zxbcdt, conv_weight, conv_bias, dt_bias, A_log, D, norm_weight, shape)
 
 
+def _no_autocast(tensor: torch.Tensor) -> Any:
+    """The function chooses its own compute dtype (>= float32); autocast would silently run its
+    matmuls in bf16/fp16, in the forward and (with a different state) in the backward."""
+    return torch.autocast(device_type=tensor.device.type, enabled=False)
+
+
 def _scan_inputs(zxbcdt: torch.Tensor, pre: torch.Tensor, dt_bias: torch.Tensor, A_log: torch.Tensor,
                  shape: InnerShape) -> Chunked:
     """The scan's chunked inputs from the conv pre-activation."""
@@ -88,14 +94,15 @@ class _ConvScanNorm(torch.autograd.Function):
                 shape: InnerShape) -> torch.Tensor:
         d_in, d_xbc, _ = shape.splits
         z = zxbcdt[..., :d_in]
-        pre = causal_conv_forward(zxbcdt[..., d_in : d_in + d_xbc], conv_weight, conv_bias)
-        chunked = _scan_inputs(zxbcdt, pre, dt_bias, A_log, shape)
-        y, _, saved = scan_forward(chunked, _skip_weight(D, shape).to(pre.dtype), None)
-        y = y.flatten(-2)
-        if shape.norm_group is None:
-            out, norm_saved = y * F.silu(z.to(y.dtype)), (None, None, None)
-        else:
-            out, norm_saved = gated_rms_norm_forward(y, z, norm_weight, shape.norm_eps, shape.norm_group)
+        with _no_autocast(zxbcdt):
+            pre = causal_conv_forward(zxbcdt[..., d_in : d_in + d_xbc], conv_weight, conv_bias)
+            chunked = _scan_inputs(zxbcdt, pre, dt_bias, A_log, shape)
+            y, _, saved = scan_forward(chunked, _skip_weight(D, shape).to(pre.dtype), None)
+            y = y.flatten(-2)
+            if shape.norm_group is None:
+                out, norm_saved = y * F.silu(z.to(y.dtype)), (None, None, None)
+            else:
+                out, norm_saved = gated_rms_norm_forward(y, z, norm_weight, shape.norm_eps, shape.norm_group)
         ctx.save_for_backward(zxbcdt, conv_weight, dt_bias, A_log, D, norm_weight, pre, y, *norm_saved,
                               *chunked[:-1], *saved)
         ctx.shape, ctx.has_conv_bias, ctx.length = shape, conv_bias is not None, chunked.length
@@ -103,6 +110,11 @@ class _ConvScanNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
+        with _no_autocast(grad_out):
+            return _ConvScanNorm._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx: Any, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
         zxbcdt, conv_weight, dt_bias, A_log, D, norm_weight, pre, y, *rest = ctx.saved_tensors
         fields = len(Chunked._fields) - 1
         norm_saved, chunked = NormSaved(*rest[:3]), Chunked(*rest[3 : 3 + fields], ctx.length)
