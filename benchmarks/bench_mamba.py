@@ -259,7 +259,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
     """
     seqs = [512] if quick else [512, 2048]
     shapes = ["mamba2-130m"] if quick else list(SHAPES)
-    steps = {"512": 6 if quick else 8, "2048": 6}
+    steps = {"512": 6 if quick else 12, "2048": 6}
     rows: list[dict[str, Any]] = []
     for shape in shapes:
         speed = _child("child_speed", shape=shape, seqs=seqs, steps=steps, warmup=1)
