@@ -46,7 +46,7 @@ def _inputs(
     )
 
 
-@pytest.mark.parametrize("length", [1, 5, 17, 40])
+@pytest.mark.parametrize("length", [0, 1, 5, 17, 40])
 @pytest.mark.parametrize("chunk_size", [1, 3, 8, 16])
 def test_chunked_matches_sequential_float64(length: int, chunk_size: int) -> None:
     args = _inputs(length, seed=length * 100 + chunk_size)

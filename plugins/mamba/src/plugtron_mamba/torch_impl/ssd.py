@@ -154,7 +154,11 @@ def ssd_chunked(
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    _check_shapes(x, dt, A, B, C, D, initial_states)
+    b, l, h, p, g, n = _check_shapes(x, dt, A, B, C, D, initial_states)
+    if l == 0:  # no steps: nothing out, the state passes through unchanged
+        cdt = torch.promote_types(x.dtype, torch.float32)
+        final = x.new_zeros(b, h, p, n, dtype=cdt) if initial_states is None else initial_states.to(cdt).clone()
+        return (x.new_zeros(x.shape), final) if return_final_states else x.new_zeros(x.shape)
     y, final = _SSDScan.apply(x, dt, A, B, C, D, initial_states, chunk_size)
     return (y, final) if return_final_states else y
 
