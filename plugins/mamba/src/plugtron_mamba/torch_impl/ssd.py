@@ -15,7 +15,11 @@ The recurrence being computed, per batch element and head, is::
 "attention" product (quadratic in the chunk length, but a few batched matmuls), and
 chunks talk to each other only through the state at chunk boundaries.  Every
 chunk is processed at once; the only loop is the short one over chunks that hands
-the state on (:mod:`.recurrence`), never one over time steps.
+the state on (:mod:`.recurrence`), never one over time steps. The pieces are
+public to the package: :class:`Chunked` (inputs in chunk layouts),
+:func:`scan_forward` (no graph; returns what the backward reuses as
+:class:`ScanSaved`) and :func:`.ssd_grad.scan_backward`, so the mixer's fused
+function (:mod:`.inner`) can run them inside its own autograd function.
 
 ``ssd_sequential_reference`` is the literal step-by-step recurrence.  It is slow
 and exists to pin down the semantics in tests.
