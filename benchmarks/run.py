@@ -83,11 +83,15 @@ def row_plugins(p: dict[str, Any]) -> tuple[list[list[str]], dict[str, Any]]:
     ]], r
 
 
-def row_overhead(p: dict[str, Any]) -> tuple[list[list[str]], dict[str, Any]]:
-    r = bench_build.compare(p["overhead_shape"], p["overhead_repeats"], forked=p["forked"])
-    ratio = r["plugtron_s"] / r["direct_s"]
-    inproc = r["inprocess_ratio"]
+def _build_comparison(p: dict[str, Any], key: str) -> tuple[dict[str, Any], float, float, str]:
+    """Rows 2 and 4: (result, wall-time ratio, in-process ratio, param-count warning) of one eager build comparison."""
+    r = bench_build.compare(p[f"{key}_shape"], p[f"{key}_repeats"], forked=p["forked"])
     same = "" if r["same_params"] else " [red]param counts differ[/red]"
+    return r, r["plugtron_s"] / r["direct_s"], r["inprocess_ratio"], same
+
+
+def row_overhead(p: dict[str, Any]) -> tuple[list[list[str]], dict[str, Any]]:
+    r, ratio, inproc, same = _build_comparison(p, "overhead")
     rows = [
         [
             f"2. build {r['shape']} ({_params(r['params'])}): pipeline vs GPTModel() direct, "
@@ -146,10 +150,7 @@ def row_materialise(p: dict[str, Any], overhead: dict[str, Any]) -> tuple[list[l
 
 
 def row_eager(p: dict[str, Any]) -> tuple[list[list[str]], dict[str, Any]]:
-    r = bench_build.compare(p["eager_shape"], p["eager_repeats"], forked=p["forked"])
-    ratio = r["plugtron_s"] / r["direct_s"]
-    inproc = r["inprocess_ratio"]
-    same = "" if r["same_params"] else " [red]param counts differ[/red]"
+    r, ratio, inproc, same = _build_comparison(p, "eager")
     return [
         [
             f"4. eager CPU build {r['shape']} ({_params(r['params'])}): plugtron vs GPTModel() direct, "
