@@ -54,6 +54,11 @@ class InnerShape(NamedTuple):
         """Widths of ``z``, ``x B C`` and ``dt`` in the projection output."""
         return self.d_inner, self.d_inner + 2 * self.ngroups * self.d_state, self.nheads
 
+    @property
+    def conv_splits(self) -> Tuple[int, int, int]:
+        """Widths of ``x``, ``B`` and ``C`` in the conv's channels."""
+        return self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state
+
 
 def conv_scan_norm(zxbcdt: torch.Tensor, conv_weight: torch.Tensor, conv_bias: Optional[torch.Tensor],
                    dt_bias: torch.Tensor, A_log: torch.Tensor, D: torch.Tensor, norm_weight: Optional[torch.Tensor],
@@ -72,19 +77,25 @@ def _no_autocast(tensor: torch.Tensor) -> Any:
     return torch.autocast(device_type=tensor.device.type, enabled=False)
 
 
-def _scan_inputs(zxbcdt: torch.Tensor, pre: torch.Tensor, dt_bias: torch.Tensor, A_log: torch.Tensor,
+def _dt_input(dt_raw: torch.Tensor, dt_bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``dt`` before softplus: the projection's dt columns plus the bias, in the compute dtype."""
+    return dt_raw.to(dtype) + dt_bias.to(dtype)
+
+
+def _scan_inputs(pre: torch.Tensor, dt_raw: torch.Tensor, dt_bias: torch.Tensor, A_log: torch.Tensor,
                  shape: InnerShape) -> Chunked:
-    """The scan's chunked inputs from the conv pre-activation."""
-    b, s, _ = zxbcdt.shape
+    """The scan's chunked inputs from the conv pre-activation (whose dtype is the compute dtype)."""
+    b, s, _ = pre.shape
     h, p, g, n = shape.nheads, shape.headdim, shape.ngroups, shape.d_state
-    x, B, C = F.silu(pre).split([h * p, g * n, g * n], dim=-1)
-    dt_in = zxbcdt[..., -h:].to(pre.dtype) + dt_bias.to(pre.dtype)  # pre is in the compute dtype
+    x, B, C = F.silu(pre).split(shape.conv_splits, dim=-1)
+    dt = F.softplus(_dt_input(dt_raw, dt_bias, pre.dtype))
     A = -torch.exp(A_log.to(pre.dtype))
-    return Chunked.of(x.view(b, s, h, p), F.softplus(dt_in), A, B.view(b, s, g, n), C.view(b, s, g, n), shape.chunk)
+    return Chunked.of(x.view(b, s, h, p), dt, A, B.view(b, s, g, n), C.view(b, s, g, n), shape.chunk)
 
 
-def _skip_weight(D: torch.Tensor, shape: InnerShape) -> torch.Tensor:
-    return D if D.numel() == shape.nheads else D.view(shape.nheads, shape.headdim)
+def _skip_weight(D: torch.Tensor, shape: InnerShape, dtype: torch.dtype) -> torch.Tensor:
+    """The ``D`` parameter as the scan takes it: ``[h]``, or ``[h, p]`` with ``D_has_hdim``."""
+    return (D if D.numel() == shape.nheads else D.view(shape.nheads, shape.headdim)).to(dtype)
 
 
 class _ConvScanNorm(torch.autograd.Function):
@@ -92,12 +103,11 @@ class _ConvScanNorm(torch.autograd.Function):
     def forward(ctx: Any, zxbcdt: torch.Tensor, conv_weight: torch.Tensor, conv_bias: Optional[torch.Tensor],
                 dt_bias: torch.Tensor, A_log: torch.Tensor, D: torch.Tensor, norm_weight: Optional[torch.Tensor],
                 shape: InnerShape) -> torch.Tensor:
-        d_in, d_xbc, _ = shape.splits
-        z = zxbcdt[..., :d_in]
+        z, xbc, dt_raw = zxbcdt.split(shape.splits, dim=-1)
         with _no_autocast(zxbcdt):
-            pre = causal_conv_forward(zxbcdt[..., d_in : d_in + d_xbc], conv_weight, conv_bias)
-            chunked = _scan_inputs(zxbcdt, pre, dt_bias, A_log, shape)
-            y, _, saved = scan_forward(chunked, _skip_weight(D, shape).to(pre.dtype), None)
+            pre = causal_conv_forward(xbc, conv_weight, conv_bias)
+            chunked = _scan_inputs(pre, dt_raw, dt_bias, A_log, shape)
+            y, _, saved = scan_forward(chunked, _skip_weight(D, shape, pre.dtype), None)
             y = y.flatten(-2)
             if shape.norm_group is None:
                 out, norm_saved = y * F.silu(z.to(y.dtype)), (None, None, None)
@@ -119,21 +129,19 @@ class _ConvScanNorm(torch.autograd.Function):
         fields = len(Chunked._fields) - 1
         norm_saved, chunked = NormSaved(*rest[:3]), Chunked(*rest[3 : 3 + fields], ctx.length)
         shape: InnerShape = ctx.shape
+        z, xbc, dt_raw = zxbcdt.split(shape.splits, dim=-1)
         grad_in = torch.empty(zxbcdt.shape, dtype=zxbcdt.dtype, device=zxbcdt.device)
         grad_z, grad_xbc, grad_dt = grad_in.split(shape.splits, dim=-1)
 
-        dy, dz, d_norm = _gate_norm_backward(grad_out.to(y.dtype), y, zxbcdt[..., : shape.d_inner], norm_weight,
-                                             norm_saved)
+        dy, dz, d_norm = _gate_norm_backward(grad_out.to(y.dtype), y, z, norm_weight, norm_saved)
         grad_z.copy_(dz)
         d_act, grads = _scan_backward_packed(chunked, ScanSaved(*rest[3 + fields :]), D, dy, pre, shape)
         d_pre = torch.ops.aten.silu_backward(d_act, pre)
-        xbc = zxbcdt[..., shape.d_inner : shape.d_inner + shape.splits[1]]
         _, d_conv_w, d_conv_b = causal_conv_backward(d_pre, xbc, conv_weight, ctx.has_conv_bias, grad_x_out=grad_xbc)
-        dt_in = zxbcdt[..., -shape.nheads :].to(pre.dtype) + dt_bias.to(pre.dtype)
-        d_dt_in = grads.dt * torch.sigmoid(dt_in)  # softplus' = sigmoid
+        d_dt_in = grads.dt * torch.sigmoid(_dt_input(dt_raw, dt_bias, pre.dtype))  # softplus' = sigmoid
         grad_dt.copy_(d_dt_in)
         d_dt_bias = d_dt_in.sum((0, 1)).to(dt_bias.dtype)
-        d_A_log = (grads.A * -torch.exp(A_log.to(pre.dtype))).to(A_log.dtype)
+        d_A_log = (grads.A * chunked.A).to(A_log.dtype)  # A = -exp(A_log): dA/dA_log = A
         d_D = grads.D.reshape(D.shape).to(D.dtype)
         return grad_in, d_conv_w, d_conv_b, d_dt_bias, d_A_log, d_D, d_norm, None
 
@@ -154,7 +162,7 @@ def _scan_backward_packed(chunked: Chunked, saved: ScanSaved, D: torch.Tensor, d
     b, s, _ = pre.shape
     h, p, g, n = shape.nheads, shape.headdim, shape.ngroups, shape.d_state
     d_act = torch.empty_like(pre)
-    d_x, d_B, d_C = d_act.split([h * p, g * n, g * n], dim=-1)
+    d_x, d_B, d_C = d_act.split(shape.conv_splits, dim=-1)
     into = (d_x.view(b, s, h, p), d_B.view(b, s, g, n), d_C.view(b, s, g, n))
-    skip = _skip_weight(D, shape).to(pre.dtype)
+    skip = _skip_weight(D, shape, pre.dtype)
     return d_act, scan_backward(chunked, skip, saved, dy.view(b, s, h, p), None, into=into)

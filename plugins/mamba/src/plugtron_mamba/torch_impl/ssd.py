@@ -153,8 +153,8 @@ def ssd_chunked(
     decay), the convention of the fused GPU kernels. Each big product is one
     batched matmul on a layout chosen to need few copies; heads of a group share
     one ``C B^T`` product instead of repeating B and C per head. The backward is
-    written by hand (:mod:`.ssd_grad`): it recomputes the in-chunk products
-    instead of keeping autograd's dozen intermediates per chunk.
+    written by hand (:mod:`.ssd_grad`) and reuses what the forward computed
+    (:class:`ScanSaved`) instead of replaying autograd's broadcasts and copies.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")

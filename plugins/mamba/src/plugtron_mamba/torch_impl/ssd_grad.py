@@ -75,7 +75,7 @@ def scan_backward(ch: "Chunked", D: Optional[torch.Tensor], saved: "ScanSaved", 
     d_across, d_states, d_initial = recurrence_backward(across, entering, d_entering, final_grad)
     dcs[:, :, -1, :] += (d_across * across).squeeze(-1)
 
-    dx_dt, dB, dcs_states = _chunk_states_grad(ch.cs, ch.x_dt, saved.x_to_end, ch.Bc, d_states, g)
+    dx_dt, dB, dcs_states = _chunk_states_grad(ch.cs, saved.x_to_end, ch.Bc, d_states, g)
     dcs += dcs_states
     dx_dt_in, dB_in, dC_in, dcs_in = _within_chunks_grad(saved, ch.Bc, ch.Cc, dy5, g)
     dx_dt += dx_dt_in
@@ -118,18 +118,18 @@ def _from_entering_states_grad(cs: torch.Tensor, entering: torch.Tensor, y_inter
     return d_entering, dC, dcs
 
 
-def _chunk_states_grad(cs: torch.Tensor, x_dt: torch.Tensor, weighted: torch.Tensor, Bc: torch.Tensor,
-                       d_states: torch.Tensor, g: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _chunk_states_grad(cs: torch.Tensor, weighted: torch.Tensor, Bc: torch.Tensor, d_states: torch.Tensor, g: int
+                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Adjoint of ``S = sum_j exp(cs_end - cs_j) x_dt_j B_j^T``: ``(dx_dt, dB, dcs)``."""
     b, c, q, h = cs.shape
-    p, n = x_dt.shape[-1], Bc.shape[-1]
+    p, n = weighted.shape[-1], Bc.shape[-1]
     r = h // g
     to_end = torch.exp(cs[:, :, -1:] - cs).unsqueeze(-1)  # [b, c, q, h, 1]
     dS = d_states.view(b, c, g, r * p, n)
     dB = torch.matmul(weighted.view(b, c, q, g, r * p).transpose(2, 3), dS)  # [b, c, g, q, n]
     d_weighted = torch.matmul(Bc, dS.transpose(-1, -2)).transpose(2, 3).reshape(b, c, q, h, p)
     dx_dt = d_weighted * to_end
-    d_decay = (dx_dt * x_dt).sum(-1)  # d(to_end) * to_end, [b, c, q, h]
+    d_decay = (d_weighted * weighted).sum(-1)  # d(to_end) * to_end (weighted = x_dt * to_end), [b, c, q, h]
     dcs = -d_decay
     dcs[:, :, -1] += d_decay.sum(2)
     return dx_dt, dB, dcs
