@@ -178,7 +178,7 @@ class ScanSaved(NamedTuple):
     """What the backward reuses from the forward instead of recomputing it."""
 
     entering: torch.Tensor  # [b, c, h, p*n] state entering each chunk
-    y_inter: torch.Tensor  # [b, c, g, q, r, p] output contributed by the entering states
+    y_scan: torch.Tensor  # [b, c, q, h, p] output before the D skip: in-chunk plus entering-state terms
     decay: torch.Tensor  # [b, c, h, q, q] in-chunk exp(cs_i - cs_j), clamped to <= 1 above the diagonal
     weights: torch.Tensor  # [b, c, h, q, q] decay * (C_i . B_j), causal
     x_heads: torch.Tensor  # [b, c, h, q, p] x_dt, heads before steps (the in-chunk matmul's layout)
@@ -196,14 +196,12 @@ def scan_forward(ch: Chunked, D: Optional[torch.Tensor], initial: Optional[torch
     across = torch.exp(cs[..., -1:])  # [b, c, h, 1] decay across each chunk
     init = states.new_zeros(b, h, p * n) if initial is None else initial.to(states.dtype).reshape(b, h, p * n)
     entering, final = recurrence_forward(across, states, init)
-    y_inter = _from_entering_states(cs, entering, ch.Cc, g)
-    out = y_inter.new_empty(b, c, q, g, h // g, p)  # the sum lands tokens-first: no copy to reshape it
-    torch.add(y, y_inter, out=out.transpose(2, 3))
-    y = out.view(b, c * q, h, p)[:, : ch.length]
+    y_scan = _add_entering_states(y, cs, entering, ch.Cc, g)
+    y = y_scan.view(b, c * q, h, p)[:, : ch.length]
     if D is not None:
         D = D.to(y.dtype)
-        y.addcmul_(ch.x[:, : ch.length], D[:, None] if D.dim() == 1 else D)
-    return y, final.reshape(b, h, p, n), ScanSaved(entering, y_inter, decay, weights, x_heads, x_to_end)
+        y = torch.addcmul(y, ch.x[:, : ch.length], D[:, None] if D.dim() == 1 else D)
+    return y, final.reshape(b, h, p, n), ScanSaved(entering, y_scan, decay, weights, x_heads, x_to_end)
 
 
 class _SSDScan(torch.autograd.Function):
@@ -261,14 +259,19 @@ def _chunk_states(cs: torch.Tensor, x_dt: torch.Tensor, Bc: torch.Tensor, g: int
     return states.view(b, c, h, p * n), weighted
 
 
-def _from_entering_states(cs: torch.Tensor, entering: torch.Tensor, Cc: torch.Tensor, g: int) -> torch.Tensor:
-    """y_i += exp(cs_i) C_i . h_entering, as ``[b, c, g, q, r, p]``."""
+def _add_entering_states(y_within: torch.Tensor, cs: torch.Tensor, entering: torch.Tensor, Cc: torch.Tensor, g: int
+                         ) -> torch.Tensor:
+    """``y_within`` (``[b, c, g, q, r, p]``) plus ``exp(cs_i) C_i . h_entering``, in one fused pass
+    written tokens-first, ``[b, c, q, h, p]`` (the layout the output is reshaped from)."""
     b, c, h, q = cs.shape
     r, n = h // g, Cc.shape[-1]
     p = entering.shape[-1] // n
     state = entering.view(b, c, g, r * p, n).transpose(-1, -2)  # [b, c, g, n, r*p]: a transposed view, no copy
-    y = torch.matmul(Cc, state).view(b, c, g, q, r, p)
-    return y * torch.exp(cs).view(b, c, g, r, q).transpose(3, 4).unsqueeze(-1)
+    from_states = torch.matmul(Cc, state).view(b, c, g, q, r, p)
+    scale = torch.exp(cs).view(b, c, g, r, q).transpose(3, 4).unsqueeze(-1)
+    out = from_states.new_empty(b, c, q, g, r, p)
+    torch.addcmul(y_within, from_states, scale, out=out.transpose(2, 3))
+    return out.view(b, c, q, h, p)
 
 
 def ssd_sequential_reference(

@@ -10,9 +10,12 @@ from zero):
 * in-chunk output ``y_i = sum_j W_ij x_dt_j``:
   ``dW = dy x_dt^T``, ``dx_dt += W^T dy``, ``dcs_i += sum_j (dW*W)_ij``,
   ``dcs_j -= sum_i (dW*W)_ij``, and ``d(C.B)`` is ``dW * exp(..)`` summed over the
-  heads sharing a group, giving ``dC = d(CB) B`` and ``dB = d(CB)^T C``;
+  heads sharing a group, giving ``dC = d(CB) B`` and ``dB = d(CB)^T C``. The two
+  ``cs`` sums never need ``dW * W``: a row sum is ``dy_i . y_i`` and a column sum
+  is ``x_dt_j . (W^T dy)_j``, dot products over the head dim;
 * entering states ``y_i += exp(cs_i) E C_i``:
-  ``dE = (exp(cs) dy)^T C``, ``dC += (exp(cs) dy) E`` and ``dcs_i += dy_i . y_inter_i``;
+  ``dE = (exp(cs) dy)^T C``, ``dC += (exp(cs) dy) E`` and ``dcs_i += dy_i . y_inter_i``,
+  which joins the in-chunk row sum as ``dy_i . y_i`` over the scan output without D;
 * the hand-over ``E_{z+1} = a_z E_z + S_z`` runs backwards (:mod:`.recurrence`),
   with ``a_z = exp(cs_end)``;
 * chunk states ``S = sum_j exp(cs_end - cs_j) x_dt_j B_j^T``: ``dB_j``,
@@ -69,17 +72,18 @@ def scan_backward(ch: "Chunked", D: Optional[torch.Tensor], saved: "ScanSaved", 
     dy5 = F.pad(dy, (0, 0, 0, 0, 0, big - l)).view(b, c, q, h, p) if big > l else dy.reshape(b, c, q, h, p)
 
     entering = saved.entering
-    d_entering, dC, dcs = _from_entering_states_grad(ch.cs, entering, saved.y_inter, ch.Cc, dy5, g)
+    d_entering, dC = _from_entering_states_grad(ch.cs, entering, ch.Cc, dy5, g)
     across = torch.exp(ch.cs[:, :, -1, :]).unsqueeze(-1)  # [b, c, h, 1]
     final_grad = entering.new_zeros(b, h, p * n) if dfinal is None else dfinal.to(entering.dtype).reshape(b, h, p * n)
     d_across, d_states, d_initial = recurrence_backward(across, entering, d_entering, final_grad)
-    dcs[:, :, -1, :] += (d_across * across).squeeze(-1)
 
-    dx_dt, dB, dcs_states = _chunk_states_grad(ch.cs, saved.x_to_end, ch.Bc, d_states, g)
-    dcs += dcs_states
-    dx_dt_in, dB_in, dC_in, dcs_in = _within_chunks_grad(saved, ch.Bc, ch.Cc, dy5, g)
+    dx_dt, dB, dcs = _chunk_states_grad(ch.cs, saved.x_to_end, ch.Bc, d_states, g)
+    dcs[:, :, -1, :] += (d_across * across).squeeze(-1)
+    dx_dt_in, dB_in, dC_in = _within_chunks_grad(saved, ch.Bc, ch.Cc, dy5, g)
+    # The output's own cs terms, rows and columns of dW * W contracted early (see the module docstring).
+    dcs += (dy5 * saved.y_scan).sum(-1)
+    dcs -= (ch.x_dt * dx_dt_in).sum(-1)
     dx_dt += dx_dt_in
-    dcs += dcs_in
     dB += dB_in
     dC += dC_in
 
@@ -103,19 +107,18 @@ def scan_backward(ch: "Chunked", D: Optional[torch.Tensor], saved: "ScanSaved", 
     return ScanGrads(dx, ddt[:, :l], dA, dB, dC, dD, d_initial.view(b, h, p, n))
 
 
-def _from_entering_states_grad(cs: torch.Tensor, entering: torch.Tensor, y_inter: torch.Tensor, Cc: torch.Tensor,
-                               dy: torch.Tensor, g: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Adjoint of ``y_i += exp(cs_i) E C_i``: ``(dE [b, c, h, p*n], dC [b, c, g, q, n], dcs [b, c, q, h])``."""
+def _from_entering_states_grad(cs: torch.Tensor, entering: torch.Tensor, Cc: torch.Tensor, dy: torch.Tensor, g: int
+                               ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Adjoint of ``y_i += exp(cs_i) E C_i`` in ``E`` and ``C``: ``(dE [b, c, h, p*n], dC [b, c, g, q, n])``
+    (its ``cs`` term is added with the in-chunk one, in :func:`scan_backward`)."""
     b, c, q, h = cs.shape
     p, n = dy.shape[-1], Cc.shape[-1]
     r = h // g
-    dy_g = dy.view(b, c, q, g, r * p).transpose(2, 3)  # [b, c, g, q, r*p]
-    dcs = (dy_g.view(b, c, g, q, r, p) * y_inter).sum(-1).transpose(2, 3).reshape(b, c, q, h)
     du = (dy * torch.exp(cs).unsqueeze(-1)).view(b, c, q, g, r * p).transpose(2, 3)
     state = entering.view(b, c, g, r * p, n)
     d_entering = torch.matmul(du.transpose(-1, -2), Cc).view(b, c, h, p * n)
     dC = torch.matmul(du, state)
-    return d_entering, dC, dcs
+    return d_entering, dC
 
 
 def _chunk_states_grad(cs: torch.Tensor, weighted: torch.Tensor, Bc: torch.Tensor, d_states: torch.Tensor, g: int
@@ -136,16 +139,15 @@ def _chunk_states_grad(cs: torch.Tensor, weighted: torch.Tensor, Bc: torch.Tenso
 
 
 def _within_chunks_grad(saved: "ScanSaved", Bc: torch.Tensor, Cc: torch.Tensor, dy: torch.Tensor, g: int
-                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Adjoint of ``y_i = sum_{j<=i} exp(cs_i - cs_j) (C_i.B_j) x_dt_j``: ``(dx_dt, dB, dC, dcs)``."""
+                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Adjoint of ``y_i = sum_{j<=i} exp(cs_i - cs_j) (C_i.B_j) x_dt_j`` in x_dt, B and C:
+    ``(dx_dt, dB, dC)`` (its ``cs`` terms are contracted in :func:`scan_backward`)."""
     b, c, h, q, _ = saved.decay.shape
     r = h // g
     dy_h = dy.permute(0, 1, 3, 2, 4).contiguous()  # [b, c, h, q, p], copied once for both products
     dx_dt = torch.matmul(saved.weights.transpose(-1, -2), dy_h).permute(0, 1, 3, 2, 4)
     d_weights = torch.matmul(dy_h, saved.x_heads.transpose(-1, -2))  # [b, c, h, q(i), q(j)]
-    both = d_weights * saved.weights  # dW * W: the cs terms
-    dcs = (both.sum(-1) - both.sum(-2)).transpose(2, 3)
     d_scores = d_weights.mul_(saved.decay).view(b, c, g, r, q, q).sum(3).tril_()  # sum over a group's heads
     dC = torch.matmul(d_scores, Bc)
     dB = torch.matmul(d_scores.transpose(-1, -2), Cc)
-    return dx_dt, dB, dC, dcs
+    return dx_dt, dB, dC
