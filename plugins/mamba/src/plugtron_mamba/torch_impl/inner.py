@@ -133,8 +133,7 @@ class _ConvScanNorm(torch.autograd.Function):
         grad_in = torch.empty(zxbcdt.shape, dtype=zxbcdt.dtype, device=zxbcdt.device)
         grad_z, grad_xbc, grad_dt = grad_in.split(shape.splits, dim=-1)
 
-        dy, dz, d_norm = _gate_norm_backward(grad_out.to(y.dtype), y, z, norm_weight, norm_saved)
-        grad_z.copy_(dz)
+        dy, d_norm = _gate_norm_backward(grad_out.to(y.dtype), y, z, norm_weight, norm_saved, grad_z)
         d_act, grads = _scan_backward_packed(chunked, ScanSaved(*rest[3 + fields :]), D, dy, pre, shape)
         d_pre = torch.ops.aten.silu_backward(d_act, pre)
         _, d_conv_w, d_conv_b = causal_conv_backward(d_pre, xbc, conv_weight, ctx.has_conv_bias, grad_x_out=grad_xbc)
@@ -147,12 +146,18 @@ class _ConvScanNorm(torch.autograd.Function):
 
 
 def _gate_norm_backward(grad: torch.Tensor, y: torch.Tensor, z: torch.Tensor, norm_weight: Optional[torch.Tensor],
-                        saved: NormSaved) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """``(dy, dz, d_norm_weight)`` of the output stage: gated RMSNorm, or ``y * silu(z)`` without a norm."""
+                        saved: NormSaved, grad_z: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(dy, d_norm_weight)`` of the output stage (gated RMSNorm, or ``y * silu(z)`` without a norm),
+    writing z's gradient into ``grad_z`` (directly where its dtype is the compute dtype)."""
+    direct = grad_z if grad_z.dtype == y.dtype else None
     if saved.rstd is not None:
-        return gated_rms_norm_backward(grad, y, z, norm_weight, saved)
-    z = z.to(y.dtype)
-    return grad * F.silu(z), torch.ops.aten.silu_backward(grad * y, z), None
+        dy, dz, d_norm = gated_rms_norm_backward(grad, y, z, norm_weight, saved, grad_z_out=direct)
+    else:
+        z = z.to(y.dtype)
+        dy, dz, d_norm = grad * F.silu(z), torch.ops.aten.silu_backward(grad * y, z), None
+    if dz is not grad_z:
+        grad_z.copy_(dz)
+    return dy, d_norm
 
 
 def _scan_backward_packed(chunked: Chunked, saved: ScanSaved, D: torch.Tensor, dy: torch.Tensor, pre: torch.Tensor,

@@ -80,8 +80,12 @@ def gated_rms_norm_forward(x: torch.Tensor, z: torch.Tensor, weight: torch.Tenso
 
 
 def gated_rms_norm_backward(grad: torch.Tensor, x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor,
-                            saved: NormSaved) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                            saved: NormSaved, grad_z_out: Optional[torch.Tensor] = None
+                            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(grad_x, grad_z, grad_weight)`` of :func:`gated_rms_norm_forward`, in the compute dtype.
+
+    ``grad_z_out``: optional tensor (any strides, the compute dtype) that receives ``grad_z``,
+    so a caller packing gradients side by side needs no copy.
 
     With ``h = x * silu(z)`` and ``n = h * rstd`` per group: ``dn = grad * weight``,
     ``dh = rstd * (dn - n * mean(dn * n))``, ``dx = dh * silu(z)``,
@@ -95,7 +99,9 @@ def gated_rms_norm_backward(grad: torch.Tensor, x: torch.Tensor, z: torch.Tensor
     # mean(dn * n) per group, contracted without a product-sized temporary
     inner = torch.einsum("...gk,...gk->...g", d_normed, normed).unsqueeze(-1)
     d_gated = torch.addcmul(d_normed, normed, inner, value=-1.0 / group_size).mul_(rstd).flatten(-2)
-    grad_z = torch.ops.aten.silu_backward(d_gated * x.to(cdt), z.to(cdt))
+    silu_grad = torch.ops.aten.silu_backward
+    gated_grad, z = d_gated * x.to(cdt), z.to(cdt)
+    grad_z = silu_grad(gated_grad, z) if grad_z_out is None else silu_grad.grad_input(gated_grad, z, grad_input=grad_z_out)
     return d_gated.mul_(gate), grad_z, grad_weight.to(weight.dtype)
 
 
