@@ -44,3 +44,24 @@ def test_table_marks_rows(bench, capsys) -> None:
     bench._print(rows)
     out = capsys.readouterr().out.splitlines()
     assert out[0].split("|")[0].strip() == "benchmark" and "✗" in out[2] and "–" in out[3]
+
+
+def _speed_and_memory(plugtron_s: float, reference_s: float) -> tuple:
+    times = {"plugtron": [plugtron_s], "reference": [reference_s], "projections": [0.5]}
+    speed = {f"{mode}@512": {"times": times, "walls": times, "max_abs_diff": 0.0, "scale": 1.0} for mode in ("fwd", "fwd+bwd")}
+    memory = {(side, 512): {"peak_delta_mb": 1.0, "how": "test"} for side in ("plugtron", "reference")}
+    return speed, memory
+
+
+def test_speed_target_is_judged_on_the_target_shape_only(bench) -> None:
+    for plugtron_s, met in ((1.0, True), (1.5, False)):  # reference 2.5 s: 2.5x and 1.67x
+        speed, memory = _speed_and_memory(plugtron_s, 2.5)
+        judged = [r for r in bench._shape_rows(bench.TARGET_SHAPE, [512], speed, memory) if "tokens" in r["benchmark"]]
+        other = [r for r in bench._shape_rows("small", [512], speed, memory) if "tokens" in r["benchmark"]]
+        assert [r["ok"] for r in judged] == [met, met]
+        assert [r["ok"] for r in other] == [None, None] and all(bench.TARGET_SHAPE in r["target"] for r in other)
+
+
+def test_unknown_shape_is_refused_by_name(bench) -> None:
+    with pytest.raises(SystemExit, match="unknown shape.*'mamba2-9b'"):
+        bench.run(quick=False, shapes=["mamba2-130m", "mamba2-9b"])
