@@ -81,6 +81,23 @@ def test_chunked_float32_close_to_float64_reference() -> None:
     torch.testing.assert_close(state.double(), state_ref, atol=1e-4, rtol=1e-4)
 
 
+def test_float32_keeps_its_precision_when_log_decays_are_large() -> None:
+    """A burst of strong decay early in each chunk drives the cumulative log-decay to about
+    -640, after which steps decay gently. Every later decay is exp of a small difference of two
+    large numbers: stored in float32 they would carry |cs| * 2^-24 of error into each exponent
+    (a relative error of 8e-6 here, measured, which this bound rejects). The scan keeps
+    them in float64 and stays at float32's usual accuracy."""
+    args64 = _inputs(128, heads=4, headdim=16, groups=1, d_state=16, seed=5, with_init=False, D_shape=None)
+    args64["A"] = torch.full((4,), -8.0, dtype=torch.float64)
+    burst = (torch.arange(128) % 64) < 16  # the first 16 steps of each chunk of 64
+    args64["dt"] = torch.where(burst[None, :, None], 5.0, 0.05).expand(2, 128, 4).to(torch.float64).contiguous()
+    args32 = {k: (v.float() if v is not None else None) for k, v in args64.items()}
+    y = ssd_chunked(**args32, chunk_size=64)
+    y_ref = ssd_sequential_reference(**args64)
+    relative = ((y.double() - y_ref).abs().max() / y_ref.abs().max()).item()
+    assert relative < 1e-6, relative
+
+
 def test_low_precision_inputs_return_input_dtype() -> None:
     args = _inputs(19, dtype=torch.bfloat16, seed=3)
     y, state = ssd_chunked(**args, chunk_size=8, return_final_states=True)

@@ -73,7 +73,7 @@ def scan_backward(ch: "Chunked", D: Optional[torch.Tensor], saved: "ScanSaved", 
 
     entering = saved.entering
     d_entering, dC = _from_entering_states_grad(ch.cs, entering, ch.Cc, dy5, g)
-    across = torch.exp(ch.cs[:, :, -1, :]).unsqueeze(-1)  # [b, c, h, 1]
+    across = torch.exp(ch.cs[:, :, -1, :]).to(entering.dtype).unsqueeze(-1)  # [b, c, h, 1]
     final_grad = entering.new_zeros(b, h, p * n) if dfinal is None else dfinal.to(entering.dtype).reshape(b, h, p * n)
     d_across, d_states, d_initial = recurrence_backward(across, entering, d_entering, final_grad)
 
@@ -114,7 +114,7 @@ def _from_entering_states_grad(cs: torch.Tensor, entering: torch.Tensor, Cc: tor
     b, c, q, h = cs.shape
     p, n = dy.shape[-1], Cc.shape[-1]
     r = h // g
-    du = (dy * torch.exp(cs).unsqueeze(-1)).view(b, c, q, g, r * p).transpose(2, 3)
+    du = (dy * torch.exp(cs).to(dy.dtype).unsqueeze(-1)).view(b, c, q, g, r * p).transpose(2, 3)
     state = entering.view(b, c, g, r * p, n)
     d_entering = torch.matmul(du.transpose(-1, -2), Cc).view(b, c, h, p * n)
     dC = torch.matmul(du, state)
@@ -127,7 +127,7 @@ def _chunk_states_grad(cs: torch.Tensor, weighted: torch.Tensor, Bc: torch.Tenso
     b, c, q, h = cs.shape
     p, n = weighted.shape[-1], Bc.shape[-1]
     r = h // g
-    to_end = torch.exp(cs[:, :, -1:] - cs).unsqueeze(-1)  # [b, c, q, h, 1]
+    to_end = torch.exp(cs[:, :, -1:] - cs).to(weighted.dtype).unsqueeze(-1)  # [b, c, q, h, 1]
     dS = d_states.view(b, c, g, r * p, n)
     dB = torch.matmul(weighted.view(b, c, q, g, r * p).transpose(2, 3), dS)  # [b, c, g, q, n]
     d_weighted = torch.matmul(Bc, dS.transpose(-1, -2)).transpose(2, 3).reshape(b, c, q, h, p)
