@@ -83,7 +83,8 @@ def _skip_connection(x: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
 
 
 class Chunked(NamedTuple):
-    """The scan's inputs in the compute dtype, zero-padded to whole chunks, in chunk layouts.
+    """The scan's inputs in the compute dtype (``cs`` in float64), zero-padded to whole chunks,
+    in chunk layouts.
 
     Zero padding is harmless: dt = 0 means no decay (exp(0) = 1) and no input
     (dt * x = 0), so the padded tail changes neither outputs nor the final state.
