@@ -237,12 +237,12 @@ def _within_chunks(cs: torch.Tensor, x_dt: torch.Tensor, Bc: torch.Tensor, Cc: t
     r, p = h // g, x_dt.shape[-1]
     scores = torch.matmul(Cc, Bc.transpose(-1, -2)).tril()  # [b, c, g, q(i), q(j)], causal
     # Above the diagonal cs_i - cs_j >= 0 could overflow exp; clamp to 0 there, the tril'd scores zero it.
-    # Both [b, c, h, q, q] products go into contiguous buffers: left to themselves they would follow
-    # cs's heads-innermost strides, and every matmul on them would first copy them.
-    # exp(u) as exp2(u * log2(e)): torch's float32 exp runs about 3x slower on CPU than its exp2
-    # (measured, AVX-512). The differences are scaled, not cs itself, which would round at |cs|'s scale.
-    # The difference is taken in cs's float64, then rounded; cs made contiguous first (it is tiny),
-    # so the mixed-dtype pass reads its rows with stride 1 (1.7x faster than through the transposed view).
+    # - Both [b, c, h, q, q] products go into contiguous buffers: left to themselves they would follow
+    #   cs's heads-innermost strides, and every matmul on them would first copy them.
+    # - Each difference is taken in cs's float64 and rounded once; the tiny cs is made contiguous so
+    #   that mixed-dtype pass reads with stride 1 (1.7x faster than through the transposed view).
+    # - exp(u) as exp2(u * log2(e)), the difference scaled (not cs, which would round at |cs|'s
+    #   scale): torch's float32 exp is about 3x slower than its exp2 on CPU (measured, AVX-512).
     decay, cs = x_dt.new_empty(b, c, h, q, q), cs.contiguous()
     torch.sub(cs.unsqueeze(-1), cs.unsqueeze(-2), out=decay).clamp_(max=0.0).mul_(_LOG2_E).exp2_()
     weights = torch.empty_like(decay)
