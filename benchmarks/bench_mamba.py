@@ -270,7 +270,7 @@ def run(quick: bool, shapes: list[str] | None = None) -> list[dict[str, Any]]:
     ``DEFAULT_SHAPES``) at L = 512 and 2048.
     """
     seqs = [512] if quick else [512, 2048]
-    shapes = [TARGET_SHAPE] if quick else (shapes or DEFAULT_SHAPES)
+    shapes = _chosen_shapes(quick, shapes)
     unknown = sorted(set(shapes) - set(SHAPES))
     if unknown:
         raise SystemExit(f"bench_mamba: unknown shape(s) {unknown}; known: {sorted(SHAPES)}")
@@ -282,13 +282,18 @@ def run(quick: bool, shapes: list[str] | None = None) -> list[dict[str, Any]]:
     return rows
 
 
+def _chosen_shapes(quick: bool, shapes: list[str] | None) -> list[str]:
+    """The shapes a run measures: the target shape alone when quick, else ``shapes`` or the defaults."""
+    return [TARGET_SHAPE] if quick else (shapes or DEFAULT_SHAPES)
+
+
 def _shape_rows(shape: str, seqs: list[int], speed: dict[str, Any], memory: dict[tuple[str, int], Any]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
+    judged = shape == TARGET_SHAPE
     for seq in seqs:
         for mode in ("fwd", "fwd+bwd"):
             r = speed[f"{mode}@{seq}"]
             ours, ref = (SHAPES[shape]["batch"] * seq / min(r["times"][side]) for side in ("plugtron", "reference"))
-            judged = shape == TARGET_SHAPE
             rows.append({"benchmark": f"{shape} mixer {mode} tokens per CPU-s, 1 thread, L={seq} (best of {len(r['times']['plugtron'])})",
                          "plugtron": f"{ours:,.0f}", "reference": f"{ref:,.0f}", "ratio": f"{ours / ref:.2f}x",
                          "target": f">= {SPEED_TARGET:.0f}x" if judged else f"none (information; judged on {TARGET_SHAPE})",
@@ -337,7 +342,7 @@ def main(argv: list[str]) -> int:
     shapes = argv[argv.index("--shapes") + 1].split(",") if "--shapes" in argv[:-1] else None
     rows = run(quick="--quick" in argv, shapes=shapes)
     _print(rows)
-    shown = [TARGET_SHAPE] if "--quick" in argv else (shapes or DEFAULT_SHAPES)
+    shown = _chosen_shapes("--quick" in argv, shapes)
     print(f"({ {name: SHAPES[name] for name in shown} }, float32, CPU; {time.perf_counter() - started:.0f} s)")
     return 0 if all(r["ok"] is not False for r in rows) else 1
 
