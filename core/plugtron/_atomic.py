@@ -1,10 +1,33 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of one."""
+"""Atomic writes: a reader sees the old file or directory or the new one, never half of one.
+
+Three rules protect what the user already has:
+
+- :func:`check_destination` refuses an output that is, contains or lies inside
+  one of the command's sources, with or without ``overwrite`` (replacing it
+  would destroy the input while it is being read);
+- :func:`atomic_output_dir` builds the output in a temporary directory beside
+  the destination and publishes it with one rename; any failure (exception,
+  signal, disk full) removes the temporary directory and leaves the old
+  destination as it was;
+- without ``overwrite`` the publishing rename refuses to replace anything,
+  atomically (``renameat2(RENAME_NOREPLACE)`` on Linux): of two commands
+  writing one destination at once exactly one wins, and the other fails
+  clearly instead of replacing the winner's output.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
+import errno
 import os
+import shutil
 import tempfile
 from pathlib import Path
+from typing import Iterable, Iterator
+
+from plugtron.errors import OutputError
 
 
 def _umask() -> int:
@@ -27,3 +50,106 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _exists(path: Path) -> bool:
+    return path.exists() or path.is_symlink()
+
+
+def check_destination(dst: str | Path, *, sources: Iterable[str | Path] = (), overwrite: bool = False) -> Path:
+    """Refuse a destination that exists (unless ``overwrite``) or overlaps a source in any way."""
+    dst = Path(dst)
+    target = dst.resolve()
+    for source in sources:
+        src = Path(source).resolve()
+        if target == src:
+            raise OutputError(dst, f"is the source {source}; refusing to write over the input")
+        if src in target.parents:
+            raise OutputError(dst, f"lies inside the source {source}; write the output elsewhere")
+        if target in src.parents:
+            raise OutputError(dst, f"contains the source {source}; replacing it would destroy the input")
+    if _exists(dst) and not overwrite:
+        raise OutputError(dst, "output already exists; pass --overwrite to replace it")
+    return dst
+
+
+_RENAME_NOREPLACE = 1
+_AT_FDCWD = -100
+
+
+def _renameat2() -> "ctypes._CFuncPtr | None":
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        return libc.renameat2
+    except (OSError, AttributeError):
+        return None
+
+
+def rename_no_replace(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst``, failing with FileExistsError if ``dst`` exists, atomically where the OS can."""
+    function = _renameat2()
+    if function is not None:
+        if function(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+            return
+        code = ctypes.get_errno()
+        if code not in (errno.EINVAL, errno.ENOSYS):  # EINVAL/ENOSYS: this filesystem cannot; fall back
+            raise OSError(code, os.strerror(code), str(dst))
+    if _exists(dst):  # fallback: a directory rename still refuses a non-empty target (ENOTEMPTY)
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
+    os.rename(src, dst)
+
+
+def _make_temp_dir(dst: Path) -> Path:
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    except OSError as exc:
+        raise OutputError(dst, f"cannot create the output next to it: {exc.strerror or exc}") from exc
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give the result normal permissions
+    return tmp
+
+
+def _publish(tmp: Path, dst: Path, overwrite: bool) -> None:
+    """Move the finished ``tmp`` to ``dst``; with ``overwrite`` the old one is deleted only afterwards."""
+    if not overwrite:
+        try:
+            rename_no_replace(tmp, dst)
+        except (FileExistsError, OSError) as exc:
+            if isinstance(exc, FileExistsError) or exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                raise OutputError(dst, "was created by someone else while this command ran; left it as it is") from None
+            raise
+        return
+    old: Path | None = None
+    if _exists(dst):
+        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+        old.rmdir()
+        os.rename(dst, old)
+    try:
+        os.rename(tmp, dst)
+    except BaseException:
+        if old is not None:
+            os.rename(old, dst)
+        raise
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old)
+        else:
+            old.unlink()
+
+
+@contextlib.contextmanager
+def atomic_output_dir(dst: str | Path, overwrite: bool = False, *, sources: Iterable[str | Path] = ()) -> Iterator[Path]:
+    """Yield a fresh temporary directory that becomes ``dst`` only if the block succeeds.
+
+    The temporary directory sits next to ``dst`` so the final rename is atomic
+    (same filesystem). On failure it is removed and ``dst`` is untouched. With
+    ``overwrite``, an existing ``dst`` is moved aside and deleted only after the
+    new directory is in place; without it, a ``dst`` that appears meanwhile wins.
+    """
+    dst = check_destination(dst, sources=sources, overwrite=overwrite)
+    tmp = _make_temp_dir(dst)
+    try:
+        yield tmp
+        _publish(tmp, dst, overwrite)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

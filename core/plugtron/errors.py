@@ -35,3 +35,17 @@ class ConfigError(PlugtronError, ValueError):
 
 class PipelineError(PlugtronError):
     """The build pipeline was asked for something it cannot do here."""
+
+
+class OutputError(PlugtronError):
+    """An output path cannot be written as asked (exists, lies inside the source, parent not writable).
+
+    ``path`` names the destination; nothing has been written to it.
+    """
+
+    def __init__(self, path: object, problem: str) -> None:
+        from pathlib import Path
+
+        self.path = Path(str(path))
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")

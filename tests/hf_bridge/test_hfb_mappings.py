@@ -26,7 +26,8 @@ from plugtron_hf_bridge.mappings import (
     unpack_gate_up,
     unpack_qkv,
 )
-from plugtron_hf_bridge.safetensors_io import SafetensorsCheckpoint, ShardedSafetensorsWriter, atomic_output_dir
+from plugtron._atomic import atomic_output_dir
+from plugtron_hf_bridge.safetensors_io import SafetensorsCheckpoint, ShardedSafetensorsWriter
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=100, max_position_embeddings=128)

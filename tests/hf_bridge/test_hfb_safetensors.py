@@ -8,13 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from plugtron._atomic import atomic_output_dir
+from plugtron.errors import OutputError
 from plugtron_hf_bridge.errors import CheckpointFormatError, TensorNotFoundError
 from plugtron_hf_bridge.safetensors_io import (
     INDEX_FILE,
     SINGLE_FILE,
     SafetensorsCheckpoint,
     ShardedSafetensorsWriter,
-    atomic_output_dir,
     read_header,
 )
 
@@ -234,7 +235,7 @@ def test_atomic_output_dir_refuses_existing_destination(tmp_path: Path) -> None:
     dst.mkdir()
     (dst / "keep").write_text("old")
     ran = False
-    with pytest.raises(CheckpointFormatError, match="already exists") as info:
+    with pytest.raises(OutputError, match="already exists") as info:
         with atomic_output_dir(dst):
             ran = True
     assert not ran and str(dst) in str(info.value)

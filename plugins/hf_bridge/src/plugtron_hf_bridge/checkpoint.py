@@ -71,10 +71,10 @@ def save_megatron(dst: str | Path, built: "BuiltModel", config: Any, *, meta: di
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
+    from plugtron._atomic import atomic_output_dir
     from plugtron.config import save as save_config
 
     from .exporter import refuse_existing
-    from .safetensors_io import atomic_output_dir
 
     dst = Path(dst)
     refuse_existing(dst, overwrite)

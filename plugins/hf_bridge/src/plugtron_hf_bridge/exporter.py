@@ -9,7 +9,7 @@ at a time, on rank 0.
 
 :func:`write_hf` is rank 0's side: shards written by
 :class:`~plugtron_hf_bridge.safetensors_io.ShardedSafetensorsWriter` into a
-temporary directory that :func:`~plugtron_hf_bridge.safetensors_io.atomic_output_dir`
+temporary directory that :func:`plugtron._atomic.atomic_output_dir`
 renames into place only when everything, ``config.json`` and tokenizer files
 included, was written. An exception or signal mid-stream leaves neither the
 destination nor the temporary directory behind.
@@ -49,11 +49,12 @@ def parse_size(text: str | int) -> int:
     return value
 
 
-def refuse_existing(dst: str | Path, overwrite: bool) -> None:
-    """Fail early (on every rank alike) when the destination exists and may not be replaced."""
-    dst = Path(dst)
-    if (dst.exists() or dst.is_symlink()) and not overwrite:
-        raise CheckpointFormatError(dst, "output already exists; pass --overwrite to replace it")
+def refuse_existing(dst: str | Path, overwrite: bool, sources: Iterable[str | Path] = ()) -> None:
+    """Fail early (on every rank alike) when the destination exists and may not be replaced,
+    or overlaps a source (see :func:`plugtron._atomic.check_destination`)."""
+    from plugtron._atomic import check_destination
+
+    check_destination(dst, sources=sources, overwrite=overwrite)
 
 
 def _local_params(chunks: list, tied: bool) -> dict[str, Any]:
@@ -129,7 +130,9 @@ def write_hf(dst: str | Path, tensors: Iterable[tuple[str, "torch.Tensor"]], hf_
              extra_files: Iterable[Path] = (), max_shard_bytes: int = 5 * 10**9, overwrite: bool = False,
              total: int | None = None, progress: bool = False) -> Path:
     """Write an HF checkpoint directory atomically (rank 0 only)."""
-    from .safetensors_io import ShardedSafetensorsWriter, atomic_output_dir
+    from plugtron._atomic import atomic_output_dir
+
+    from .safetensors_io import ShardedSafetensorsWriter
 
     dst = Path(dst)
     with atomic_output_dir(dst, overwrite=overwrite) as tmp:

@@ -11,19 +11,16 @@ Why not just ``safetensors.torch.load_file``?
   serves single tensors or row/column ranges (for tensor-parallel shards), and
   the writer flushes a shard file as soon as it reaches its size limit.
 - A crashed export must never leave a half-written directory that looks like a
-  checkpoint: :func:`atomic_output_dir` publishes a directory only on success.
+  checkpoint: :func:`plugtron._atomic.atomic_output_dir` publishes a directory only on success.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from safetensors import safe_open
@@ -328,44 +325,3 @@ class ShardedSafetensorsWriter:
             self.close()
         else:
             self.abort()
-
-
-@contextlib.contextmanager
-def atomic_output_dir(dst: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a fresh temporary directory that becomes ``dst`` only if the block succeeds.
-
-    The temporary directory sits next to ``dst`` so the final rename is atomic
-    (same filesystem).  On failure it is removed and ``dst`` is untouched.  With
-    ``overwrite``, an existing ``dst`` is moved aside and deleted only after the
-    new directory is in place.
-    """
-    dst = Path(dst)
-    if (dst.exists() or dst.is_symlink()) and not overwrite:
-        raise CheckpointFormatError(dst, "output already exists; pass overwrite=True to replace it")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; give the result normal permissions
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old: Path | None = None
-    if dst.exists() or dst.is_symlink():
-        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-        old.rmdir()
-        os.rename(dst, old)
-    try:
-        os.rename(tmp, dst)
-    except BaseException:
-        if old is not None:
-            os.rename(old, dst)
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old)
-        else:
-            old.unlink()
