@@ -2,7 +2,7 @@
 
 For family authors and for plugtron's own tests. :func:`reference` runs a
 config in one process (logits, loss, gradients); :func:`run` starts one
-torchrun job that rebuilds it in every scenario's layout, loads the reference
+multi-rank job (:mod:`plugtron.runtime.launcher`) that rebuilds it in every scenario's layout, loads the reference
 weights into each rank's slices through a pre-wrap hook (so wrapping sees
 them), runs megatron's schedules, and gathers logits and gradients back to
 full tensors under their global names. The family's tensor-parallel layout
@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -52,20 +50,19 @@ def reference(config: Any, *, micro_batches: int = 4, batch_size: int = 2, seq_l
 
 
 def run(references: dict[str, dict], scenarios: list[dict], workdir: Path, *, nproc: int = 2, timeout_s: float = 600) -> dict[str, dict]:
-    """Run every scenario in one torchrun job; results keyed by scenario name."""
+    """Run every scenario in one multi-rank job; results keyed by scenario name."""
     import torch
+
+    from plugtron.runtime.launcher import launch
 
     workdir.mkdir(parents=True, exist_ok=True)
     torch.save(references, workdir / "references.pt")
     out = workdir / "results.json"
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "--max-restarts=0",
-        "-m", "plugtron.parity", "--ref", str(workdir / "references.pt"), "--scenarios", json.dumps(scenarios), "--out", str(out),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"layout parity job failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    argv = ["--ref", str(workdir / "references.pt"), "--scenarios", json.dumps(scenarios), "--out", str(out)]
+    code = launch(nproc, "plugtron.parity", argv, timeout_s=timeout_s, logs=workdir)
+    if code != 0:
+        logs = "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted(workdir.glob("rank*.log")))
+        raise RuntimeError(f"layout parity job failed (exit {code}):\n{logs}")
     return {r["name"]: r for r in json.loads(out.read_text())}
 
 

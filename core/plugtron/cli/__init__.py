@@ -4,10 +4,12 @@ import torch only when they need it (``plugtron plugins`` never does)."""
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 from typing import Sequence
 
-from plugtron.errors import PlugtronError
+from plugtron.errors import PluginError, PlugtronError
 
 
 def _extra_plugins(argv: Sequence[str]) -> list[str]:
@@ -36,15 +38,70 @@ def _parser(pm) -> argparse.ArgumentParser:  # noqa: ANN001
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def positive_int(text: str) -> int:
+    """argparse type for sizes and counts: ``--tp 0`` is refused by the parser, naming the value."""
     try:
-        pm = _manager(_extra_plugins(argv))
-        args = _parser(pm).parse_args(argv)
-        return int(args.run(args) or 0)
-    except PlugtronError as exc:
-        print(f"plugtron: error: {exc}", file=sys.stderr)
-        return 2
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; every failure ends as one line on stderr and a non-zero exit code.
+
+    Exit codes: 0 success, 1 a check failed or an unexpected error, 2 bad input
+    (a :class:`PlugtronError`: the message names the file, field or plugin),
+    128+N a signal. ``PLUGTRON_DEBUG=1`` adds the traceback.
+    """
+    from plugtron.runtime.launcher import private_tmpdir
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _ignore_file_size_signal()
+    with private_tmpdir():
+        try:
+            pm = _manager(_extra_plugins(argv))
+            args = _parser(pm).parse_args(argv)
+            return int(args.run(args) or 0)
+        except PlugtronError as exc:
+            return _fail(exc, 2)
+        except KeyboardInterrupt:
+            return 130
+        except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, not a traceback
+            return _fail(exc, 1)
+
+
+def _ignore_file_size_signal() -> None:
+    """Past a file size limit (ulimit -f) the kernel kills the writer with SIGXFSZ, before any
+    cleanup; ignored, the write fails with EFBIG instead and the atomic writers remove their temp files."""
+    if hasattr(signal, "SIGXFSZ"):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
+def one_line(exc: BaseException) -> str:
+    """The error as one line: PlugtronErrors as they are; others with their type, and the file for OSErrors."""
+    if isinstance(exc, PlugtronError):
+        text = str(exc)
+    elif isinstance(exc, OSError) and exc.strerror:
+        names = [name for name in (exc.filename, exc.filename2) if name is not None]
+        text = f"{': '.join(map(str, names))}: {exc.strerror}" if names else f"{type(exc).__name__}: {exc.strerror}"
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+    return " | ".join(line.strip() for line in text.splitlines() if line.strip()) or type(exc).__name__
+
+
+def _fail(exc: BaseException, code: int) -> int:
+    from plugtron.runtime.launcher import report_error
+
+    if os.environ.get("PLUGTRON_DEBUG"):
+        import traceback
+
+        traceback.print_exception(exc)
+    hint = "" if isinstance(exc, PlugtronError) or os.environ.get("PLUGTRON_DEBUG") else " (PLUGTRON_DEBUG=1 shows where)"
+    report_error(f"plugtron: error: {one_line(exc)}{hint}")
+    return code
 
 
 def _manager(extra: Sequence[str]):  # noqa: ANN202 - avoids importing the manager type eagerly
@@ -53,7 +110,12 @@ def _manager(extra: Sequence[str]):  # noqa: ANN202 - avoids importing the manag
     pm = get_plugin_manager()
     for module in extra:
         if module not in pm.records:
-            pm.register(module, name=module)
+            try:
+                pm.register(module, name=module)
+            except PlugtronError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a -p module is the user's code: name it, whatever it raised
+                raise PluginError(f"-p {module}: cannot load this plugin module: {one_line(exc)}") from exc
     return pm
 
 

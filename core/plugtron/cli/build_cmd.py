@@ -8,21 +8,23 @@ from typing import Any
 
 import warnings
 
-from plugtron.cli.launch import FAILURE_TIMEOUT_S, relaunch, under_torchrun
+from plugtron.runtime.launcher import FAILURE_TIMEOUT_S, relaunch, under_launcher
 
 
 def add_parser(commands: Any) -> None:
+    from plugtron.cli import positive_int
+
     parser = commands.add_parser("build", help="build a model config through the shared pipeline")
     parser.add_argument("config", help="model config file (JSON or YAML)")
-    parser.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: the config's)")
-    parser.add_argument("--pp", type=int, default=None, help="pipeline-parallel size")
-    parser.add_argument("--vp", type=int, default=None, help="virtual pipeline stages per pipeline rank")
-    parser.add_argument("--dp", type=int, default=1, help="data-parallel size")
+    parser.add_argument("--tp", type=positive_int, default=None, help="tensor-parallel size (default: the config's)")
+    parser.add_argument("--pp", type=positive_int, default=None, help="pipeline-parallel size")
+    parser.add_argument("--vp", type=positive_int, default=None, help="virtual pipeline stages per pipeline rank")
+    parser.add_argument("--dp", type=positive_int, default=1, help="data-parallel size")
     parser.add_argument("--meta", action="store_true", help="construct on the meta device, then materialise")
     parser.add_argument("--wrap", default="none", choices=("none", "ddp", "fsdp2", "megatron_fsdp"))
     parser.add_argument("--step", action="store_true", help="run one forward/backward step on random tokens")
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--seq-length", type=int, default=None, help="tokens per sample for --step (default: min(seq_length, 64))")
+    parser.add_argument("--batch-size", type=positive_int, default=2)
+    parser.add_argument("--seq-length", type=positive_int, default=None, help="tokens per sample for --step (default: min(seq_length, 64))")
     parser.set_defaults(run=run)
 
 
@@ -46,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     _apply_layout(config, args)
     config.finalize()  # fail here, before any process is started
     world = config.tensor_model_parallel_size * config.pipeline_model_parallel_size * args.dp
-    if world > 1 and not under_torchrun():
+    if world > 1 and not under_launcher():
         return relaunch(world, sys.argv[1:])
     return _build_on_this_rank(config, args, pm)
 
@@ -60,13 +62,9 @@ def _build_on_this_rank(config: Any, args: argparse.Namespace, pm: Any) -> int:
         config.tensor_model_parallel_size, config.pipeline_model_parallel_size,
         config.virtual_pipeline_model_parallel_size, timeout_s=FAILURE_TIMEOUT_S,
     )
-    try:
-        built = build_model(config, parallel=parallel, options=BuildOptions(meta_device=args.meta, wrap=args.wrap, print_report=False), pm=pm)
-        loss = _step(built, config, args) if args.step else None
-        _report(built, parallel, pm, loss)
-    except BaseException as exc:
-        print(f"plugtron: rank {parallel.rank} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
-        raise
+    built = build_model(config, parallel=parallel, options=BuildOptions(meta_device=args.meta, wrap=args.wrap, print_report=False), pm=pm)
+    loss = _step(built, config, args) if args.step else None
+    _report(built, parallel, pm, loss)
     return 0
 
 

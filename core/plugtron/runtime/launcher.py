@@ -1,0 +1,228 @@
+"""Running a command on N local ranks, and ending every rank quickly when one fails.
+
+plugtron starts its own ranks instead of re-running itself under torchrun,
+because each of torchrun's habits broke a promise plugtron makes:
+
+- ``python -m`` puts the working directory first on ``sys.path``: a file named
+  like a dependency (``pluggy.py``) in the directory a user converts from was
+  imported. Here every rank runs with ``-P`` and ``PYTHONSAFEPATH=1``, so no
+  working or checkpoint directory is ever on the import path, in this process's
+  children or theirs.
+- A failed worker made the agent print a page of tracebacks. Here each rank
+  hands its one-line error to the launcher (:func:`report_error`), which prints
+  the first one: the cause, not the peers that died of it.
+- A signal sent to the launcher alone left the workers running for seconds.
+  Here SIGTERM / SIGINT / SIGHUP are forwarded to every rank's process group,
+  and a rank whose launcher dies gets SIGTERM from the kernel (Linux
+  ``PR_SET_PDEATHSIG``).
+- The agent's ``torchelastic_*`` folders stayed in TMPDIR. Here every rank's
+  TMPDIR is a folder of this run, removed when it ends.
+
+When one rank exits non-zero the others get SIGTERM at once and SIGKILL after
+:data:`GRACE_S`: no rank waits for a collective that can never complete.
+Commands started by an external launcher that sets ``RANK`` and
+``WORLD_SIZE`` (torchrun on several nodes, ``srun``) run directly on their rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import IO, Iterator, Sequence
+
+#: Process-group timeout of every command: a peer that never arrives ends the job after this.
+FAILURE_TIMEOUT_S = 60.0
+#: Between SIGTERM and SIGKILL for ranks that must stop.
+GRACE_S = 5.0
+_POLL_S = 0.05
+_FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_ERROR_DIR = "PLUGTRON_ERROR_DIR"
+
+
+def under_launcher() -> bool:
+    """True inside a rank started by this module, torchrun or an equivalent (RANK and WORLD_SIZE set)."""
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def python_command(module: str, argv: Sequence[str] = ()) -> list[str]:
+    """``python -P -m MODULE ARGV``: never with the working directory on ``sys.path``."""
+    return [sys.executable, "-P", "-m", module, *argv]
+
+
+def safe_env(**extra: str) -> dict[str, str]:
+    """This process's environment for a child Python: safe import path, one thread per rank by default."""
+    env = {**os.environ, "PYTHONSAFEPATH": "1", **extra}
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def report_error(message: str) -> None:
+    """Print a command's one-line error, or hand it to the launcher when this rank has one."""
+    rank = os.environ.get("RANK")
+    if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1":
+        message = f"[rank {rank}] {message}"
+    folder = os.environ.get(_ERROR_DIR)
+    if folder and Path(folder).is_dir():
+        with contextlib.suppress(OSError):
+            (Path(folder) / f"rank{rank}").write_text(f"{time.time():.6f}\t{message}\n")
+            return
+    print(message, file=sys.stderr, flush=True)
+
+
+def first_error(folder: Path) -> str | None:
+    """The earliest error any rank reported (the cause; later ones are usually its echoes)."""
+    entries = []
+    for path in folder.glob("rank*"):
+        stamp, _, message = path.read_text().partition("\t")
+        with contextlib.suppress(ValueError):
+            entries.append((float(stamp), message.rstrip("\n")))
+    return min(entries)[1] if entries else None
+
+
+@contextlib.contextmanager
+def private_tmpdir(prefix: str = "plugtron-") -> Iterator[Path]:
+    """A TMPDIR of this command's own (for it and its children), removed with what was left in it."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    saved_env, saved_tempdir = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"], tempfile.tempdir = str(folder), str(folder)
+    try:
+        yield folder
+    finally:
+        tempfile.tempdir = saved_tempdir
+        if saved_env is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = saved_env
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _prctl() -> "ctypes._CFuncPtr | None":
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux
+        return None
+
+
+_PRCTL = _prctl()
+
+
+def _die_with_parent() -> None:
+    """Runs in the child between fork and exec: own process group, SIGTERM when the launcher dies."""
+    os.setsid()
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class _Ranks:
+    """The rank processes of one launch, each in its own process group."""
+
+    def __init__(self, procs: list[subprocess.Popen]) -> None:
+        self.procs = procs
+        self.stop_deadline: float | None = None
+
+    def send(self, signum: int) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signum)
+
+    def stop(self, signum: int = signal.SIGTERM) -> None:
+        """Ask every running rank to stop; :meth:`poll` kills them after the grace period."""
+        self.send(signum)
+        if self.stop_deadline is None:
+            self.stop_deadline = time.monotonic() + GRACE_S
+
+    def poll(self) -> list[int | None]:
+        codes = [proc.poll() for proc in self.procs]
+        if self.stop_deadline is not None and time.monotonic() > self.stop_deadline:
+            self.send(signal.SIGKILL)
+        return codes
+
+
+def _start(nproc: int, command: list[str], env: dict[str, str], logs: Path | None) -> list[subprocess.Popen]:
+    procs = []
+    for rank in range(nproc):
+        rank_env = {**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}
+        out: IO | None = open(logs / f"rank{rank}.log", "w") if logs else None  # noqa: SIM115 - closed below
+        try:
+            procs.append(subprocess.Popen(command, env=rank_env, stdout=out, stderr=subprocess.STDOUT if out else None,
+                                          stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent))
+        finally:
+            if out:
+                out.close()
+    return procs
+
+
+def _watch(ranks: _Ranks, timeout_s: float | None) -> int:
+    """Wait for every rank; the first failure (or a forwarded signal, or the timeout) stops the rest."""
+    received: list[int] = []
+
+    def forward(signum: int, frame: object) -> None:
+        received.append(signum)
+        ranks.stop(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in _FORWARDED}
+    started, result = time.monotonic(), 0
+    try:
+        while True:
+            codes = ranks.poll()
+            failed = [code for code in codes if code not in (None, 0)]
+            if failed and not result:
+                result = failed[0] if failed[0] > 0 else 128 - failed[0]
+                ranks.stop()
+            if timeout_s is not None and time.monotonic() - started > timeout_s and not result:
+                result = 124
+                ranks.stop()
+            if all(code is not None for code in codes):
+                break
+            time.sleep(_POLL_S)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 128 + received[0] if received else result
+
+
+def launch(nproc: int, module: str, argv: Sequence[str], *, timeout_s: float | None = None,
+           logs: Path | None = None, announce_errors: bool = True) -> int:
+    """Run ``python -P -m MODULE ARGV`` on ``nproc`` local ranks; return the job's exit code.
+
+    0 when every rank succeeded; else the first failing rank's code, 124 after
+    ``timeout_s``, or 128 + N after signal N reached this process. With
+    ``logs``, each rank's output goes to ``logs/rankR.log`` instead of this
+    terminal. The first rank's one-line error is printed unless
+    ``announce_errors`` is False.
+    """
+    run_dir = Path(tempfile.mkdtemp(prefix="plugtron-run-"))
+    try:
+        (run_dir / "errors").mkdir()
+        (run_dir / "tmp").mkdir()
+        env = safe_env(WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1",
+                       MASTER_PORT=str(_free_port()), TMPDIR=str(run_dir / "tmp"), **{_ERROR_DIR: str(run_dir / "errors")})
+        ranks = _Ranks(_start(nproc, python_command(module, argv), env, logs))
+        code = _watch(ranks, timeout_s)
+        message = first_error(run_dir / "errors")
+        if code and message and announce_errors:
+            print(message, file=sys.stderr, flush=True)
+        return code
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def relaunch(nproc: int, argv: Sequence[str]) -> int:
+    """Run ``plugtron ARGV`` on ``nproc`` local ranks (the CLI's multi-rank commands)."""
+    return launch(nproc, "plugtron.cli", argv)
