@@ -17,4 +17,4 @@ def test_hf_demo(tmp_path) -> None:
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-4000:]
     assert "bit-exact" in output and "config.json equal" in output and "✗" not in output, output
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "hf-roundtrip", "megatron-tp2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".plugtron-hf-demo", "hf", "hf-roundtrip", "megatron-tp2"]

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from plugtron.cli import positive_int
+
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 
 
@@ -29,9 +31,9 @@ def add_parsers(commands: Any) -> None:
 
 
 def _layout_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
-    parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
-    parser.add_argument("--vp", type=int, default=None, help="virtual pipeline stages per pipeline rank")
+    parser.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel size")
+    parser.add_argument("--pp", type=positive_int, default=1, help="pipeline-parallel size")
+    parser.add_argument("--vp", type=positive_int, default=None, help="virtual pipeline stages per pipeline rank")
 
 
 def _convert_parser(commands: Any) -> None:
@@ -58,8 +60,8 @@ def _verify_parser(commands: Any) -> None:
     parser.add_argument("--tolerance", type=float, default=None,
                         help="max abs logits difference from transformers in float32 (default: 1e-4 in float32; "
                              "in bf16/fp16 twice transformers' own difference in that precision)")
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--seq", type=int, default=None, help="tokens per sample (default min(seq_length, 32))")
+    parser.add_argument("--batch", type=positive_int, default=2)
+    parser.add_argument("--seq", type=positive_int, default=None, help="tokens per sample (default min(seq_length, 32))")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON line")
     parser.set_defaults(run=run_verify)
 
@@ -86,10 +88,10 @@ def _quiet() -> None:
 
 def _on_ranks(args: argparse.Namespace, argv: list[str], work: Callable[[Any], int]) -> int:
     """Run ``work(parallel)`` on every rank, re-launching under torchrun when more than one is needed."""
-    from plugtron.cli.launch import FAILURE_TIMEOUT_S, relaunch, under_torchrun
+    from plugtron.runtime.launcher import FAILURE_TIMEOUT_S, relaunch, under_launcher
 
     world = args.tp * args.pp
-    if world > 1 and not under_torchrun():
+    if world > 1 and not under_launcher():
         return relaunch(world, argv)
     from plugtron.runtime.parallel import initialize_parallel
 
@@ -119,7 +121,7 @@ def run_convert(args: argparse.Namespace) -> int:
     from .exporter import parse_size, refuse_existing
 
     pm = manager_for(args)
-    refuse_existing(args.dst, args.overwrite)
+    refuse_existing(args.dst, args.overwrite, sources=[args.src])
     parse_size(args.max_shard_size)
     if args.to == "megatron":
         from .importer import plan_import
@@ -183,7 +185,7 @@ def run_verify(args: argparse.Namespace) -> int:
     plan_import(args.src, tp=args.tp, pp=args.pp, vp=args.vp, dtype=args.dtype, pm=pm)
     argv = _argv(args, "verify", [str(args.src)], {
         "--tp": args.tp, "--pp": args.pp, "--vp": args.vp, "--dtype": args.dtype, "--tolerance": args.tolerance,
-        "--batch": args.batch, "--seq": args.seq})
+        "--batch": args.batch, "--seq": args.seq, "--json": args.json})
     return _on_ranks(args, argv, lambda parallel: _verify_on_rank(args, pm, parallel))
 
 

@@ -15,9 +15,8 @@ it; the report shows the commands and the numbers.
 from __future__ import annotations
 
 import json
-import os
+import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -55,9 +54,11 @@ def make_checkpoint(config_path: Path, out: Path, seed: int = 0) -> dict[str, An
 
 
 def _plugtron(argv: Sequence[str], plugins: Sequence[str]) -> tuple[int, str, float]:
-    command = [sys.executable, "-m", "plugtron.cli", *[x for p in plugins for x in ("-p", p)], *argv]
+    from plugtron.runtime.launcher import python_command, safe_env
+
+    command = python_command("plugtron.cli", [*[x for p in plugins for x in ("-p", p)], *argv])
     started = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    done = subprocess.run(command, capture_output=True, text=True, env=safe_env(PYTHONWARNINGS="ignore"))
     return done.returncode, done.stdout + done.stderr, time.perf_counter() - started
 
 
@@ -77,29 +78,56 @@ def compare_dirs(original: Path, exported: Path) -> dict[str, Any]:
             "shards": len(list(exported.glob("*.safetensors")))}
 
 
+#: Written into a --workdir the demo created, so a later demo may replace what is inside.
+MARKER = ".plugtron-hf-demo"
+OUTPUTS = ("hf", "megatron-tp2", "hf-roundtrip")
+
+
+def claim_workdir(workdir: Path) -> None:
+    """Use ``workdir`` only if it is new, empty, or made by an earlier demo: never delete a user's files.
+
+    A demo-made folder holds :data:`MARKER`; then only the demo's own outputs
+    (:data:`OUTPUTS`) are replaced, anything else in it is left alone.
+    """
+    if workdir.is_symlink() or (workdir.exists() and not workdir.is_dir()):
+        raise PlugtronError(f"hf-demo: --workdir {workdir} is not a directory")
+    if workdir.is_dir() and any(workdir.iterdir()) and not (workdir / MARKER).is_file():
+        raise PlugtronError(f"hf-demo: --workdir {workdir} already holds files the demo did not make; "
+                            "give an empty or new directory")
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / MARKER).write_text("made by plugtron hf-demo; its outputs here are replaced by the next demo\n")
+    for name in OUTPUTS:
+        out = workdir / name
+        if out.is_symlink() or out.is_file():
+            out.unlink()
+        elif out.is_dir():
+            shutil.rmtree(out)
+
+
 def run(workdir: Path | None, *, config: Path | None = None, plugins: Sequence[str] = ()) -> int:
+    config_path = find_config(config)
     if workdir is None:
         with tempfile.TemporaryDirectory(prefix="plugtron-hf-demo-") as tmp:
-            return _run(Path(tmp), find_config(config), plugins)
-    workdir.mkdir(parents=True, exist_ok=True)
-    return _run(workdir, find_config(config), plugins)
+            return _run(Path(tmp), config_path, plugins)
+    claim_workdir(workdir)
+    return _run(workdir, config_path, plugins)
 
 
 def _run(work: Path, config_path: Path, plugins: Sequence[str]) -> int:
-    hf, meg, back = work / "hf", work / "megatron-tp2", work / "hf-roundtrip"
+    hf, meg, back = (work / name for name in OUTPUTS)
     rows: list[tuple[str, str, str]] = []
     made = make_checkpoint(config_path, hf)
     shown = config_path.resolve().relative_to(Path.cwd()) if config_path.resolve().is_relative_to(Path.cwd()) else config_path
     rows.append(("random HF checkpoint", f"{made['params']:,} params from {shown}", "✓"))
     code, out, seconds = _plugtron(["convert", str(hf), str(meg), "--to", "megatron", "--tp", "2", "--verify",
-                                    "--json", "--no-progress", "--overwrite"], plugins)
+                                    "--json", "--no-progress"], plugins)
     report = _json_line(out)
     parity = (f"max |Δlogits| {report['max_abs_diff']:.2e} (≤ {report['tolerance']:g}), cosine {report['cosine']:.6f}, "
               f"top-1 {report['top1_agreement']:.0%}" if report else "no report")
     rows.append(("HF -> megatron, TP=2, parity vs transformers", f"{parity}; {seconds:.1f} s", _mark(code == 0)))
     if code == 0:
         code, out, seconds = _plugtron(["convert", str(meg), str(back), "--to", "hf", "--max-shard-size", "200KB",
-                                        "--no-progress", "--overwrite"], plugins)
+                                        "--no-progress"], plugins)
         rows.append(("megatron (saved at TP=2) -> HF, loaded at TP=1", f"{seconds:.1f} s", _mark(code == 0)))
     exact = None
     if code == 0:
