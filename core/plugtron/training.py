@@ -14,26 +14,41 @@ if TYPE_CHECKING:
     from plugtron.pipeline import BuiltModel
 
 
+def _reduce_grad(param: Any, group: Any) -> None:
+    """Sum ``param.grad`` over ``group``; a missing grad takes part as zeros.
+
+    Whether to enter the collective is the caller's decision, made on facts
+    every rank of the group shares (``requires_grad``, agreed at build time);
+    whether a grad exists is local (a copy that took no part in this rank's
+    graph has none) and must never decide it. The summed grad is stored back,
+    so every copy receives the same update.
+    """
+    import torch
+    import torch.distributed as dist
+
+    grad = param.grad if param.grad is not None else torch.zeros_like(param)
+    dist.all_reduce(grad, group=group)
+    param.grad = grad
+
+
 def _sync_tied_embedding_grads(chunks: list) -> None:
     """Sum the tied embedding/output grads of the first and last stage.
 
     DDP-wrapped chunks get this from megatron's ``finalize_model_grads``; plain
     chunks (``--wrap none``) get it here, with the same group megatron uses.
+    Both copies agree on ``requires_grad`` (the pipeline's step 2b,
+    :mod:`plugtron.pipeline.tied`), so every rank of the group makes the same
+    choice.
     """
-    import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from plugtron.sharding import unwrap
+    from plugtron.pipeline.tied import tied_copy
 
     if parallel_state.get_pipeline_model_parallel_world_size() == 1 or not parallel_state.is_rank_in_embedding_group():
         return
-    first, last = unwrap(chunks[0]), unwrap(chunks[-1])
-    holder = first if getattr(first, "pre_process", False) else last
-    if not getattr(holder, "share_embeddings_and_output_weights", False):
-        return
-    weight = holder.shared_embedding_or_output_weight()
-    if weight.grad is not None:
-        dist.all_reduce(weight.grad, group=parallel_state.get_embedding_group())
+    mine = tied_copy(chunks)
+    if mine is not None and mine[1].requires_grad:
+        _reduce_grad(mine[1], parallel_state.get_embedding_group())
 
 
 def _sync_sequence_parallel_grads(chunks: list) -> None:
@@ -42,9 +57,8 @@ def _sync_sequence_parallel_grads(chunks: list) -> None:
     With sequence parallelism each TP rank sees only its slice of the
     sequence, so norm weights collect partial grads; megatron's
     ``finalize_model_grads`` sums them for DDP-wrapped chunks, this does it
-    for plain ones.
+    for plain ones. Decided on ``requires_grad``, which TP ranks share.
     """
-    import torch.distributed as dist
     from megatron.core import parallel_state
 
     if parallel_state.get_tensor_model_parallel_world_size() == 1:
@@ -52,8 +66,8 @@ def _sync_sequence_parallel_grads(chunks: list) -> None:
     group = parallel_state.get_tensor_model_parallel_group()
     for chunk in chunks:
         for param in chunk.parameters():
-            if getattr(param, "sequence_parallel", False) and param.grad is not None:
-                dist.all_reduce(param.grad, group=group)
+            if getattr(param, "sequence_parallel", False) and param.requires_grad:
+                _reduce_grad(param, group)
 
 
 def forward_backward(built: "BuiltModel", batches: list[dict[str, Any]], *, forward_only: bool = False) -> float | None:

@@ -4,12 +4,13 @@ Order (each step documented where it lives):
 
 1. virtual-pipeline stages (:mod:`plugtron.pipeline.stages`)
 2. pre-wrap hooks: plugins in pluggy order, then the builder's per-call hooks
+   2b. the copies of a tied embedding agree on requires_grad (:mod:`plugtron.pipeline.tied`)
 3. default tensor-parallel attributes on every parameter
 4. device placement (CUDA when present, else CPU; meta builds stay put)
 5. mixed-precision wrapper (:mod:`plugtron.pipeline.wrap`)
 6. materialise meta tensors and initialise them (:mod:`plugtron.pipeline.materialize`)
 7. DDP / megatron FSDP / FSDP2 wrapping, broadcast from data-parallel rank 0
-8. post-wrap hooks
+8. post-wrap hooks, then 2b again
 9. report parameters per (TP, PP) rank on rank 0
 """
 
@@ -24,7 +25,7 @@ import attrs
 from plugtron.builder import BuildContext, BuildOptions, ModelBuilder
 from plugtron.errors import PipelineError
 from plugtron.facade import run_chain
-from plugtron.pipeline import materialize, stages, wrap
+from plugtron.pipeline import materialize, stages, tied, wrap
 
 if TYPE_CHECKING:
     from plugtron.manager import PlugtronPluginManager
@@ -92,6 +93,7 @@ def build_with_builder(builder: ModelBuilder, parallel: "ParallelContext", pm: "
     chunks = stages.build_stages(builder, parallel, meta=options.meta_device)  # 1
     chunks = pm.hooks.pre_wrap(chunks, config, context)  # 2
     chunks = run_chain([("builder", h) for h in builder.pre_wrap_hooks], chunks, config, context)
+    tied.agree_tied_embeddings(chunks)  # 2b: before DDP builds buckets from requires_grad
     stages.set_tensor_parallel_defaults(chunks)  # 3
     _place(chunks, device, options, config)  # 4
     chunks = wrap.apply_mixed_precision(chunks, config, context)  # 5
@@ -102,6 +104,7 @@ def build_with_builder(builder: ModelBuilder, parallel: "ParallelContext", pm: "
     chunks = wrap.wrap_data_parallel(chunks, config, context)  # 7
     chunks = pm.hooks.post_wrap(chunks, config, context)  # 8
     chunks = run_chain([("builder", h) for h in builder.post_wrap_hooks], chunks, config, context)
+    tied.agree_tied_embeddings(chunks)  # 8b: the step's tied-grad sync decides on requires_grad
     report = BuildReport(
         family=config.family,
         layer_spec=choice.info.name,
