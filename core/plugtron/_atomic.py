@@ -151,5 +151,48 @@ def atomic_output_dir(dst: str | Path, overwrite: bool = False, *, sources: Iter
     try:
         yield tmp
         _publish(tmp, dst, overwrite)
+    except BaseException as exc:  # torch's CheckpointException is a BaseException; signals arrive as SystemExit
+        shutil.rmtree(tmp, ignore_errors=True)  # first: frees the space the free-space check below looks at
+        problem = _write_problem(exc, dst)
+        if problem:
+            raise OutputError(dst, problem) from exc
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+#: errnos that mean "the destination cannot take this write", whatever file inside it was being written.
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM}
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc``, what it wraps (``__cause__``, ``__context__``, torch's per-rank ``failures``), and so on."""
+    seen, todo = set(), [exc]
+    while todo:
+        item = todo.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        yield item
+        todo += [e for e in (item.__cause__, item.__context__) if e is not None]
+        for failure in (getattr(item, "failures", None) or {}).values():
+            inner = failure[0] if isinstance(failure, tuple) else failure
+            if isinstance(inner, BaseException):
+                todo.append(inner)
+
+
+def _write_problem(exc: BaseException, dst: Path) -> str | None:
+    """Why writing the output failed, when it is the destination's fault (full, too large, read-only)."""
+    from plugtron.errors import PlugtronError
+
+    if isinstance(exc, (SystemExit, KeyboardInterrupt, GeneratorExit, PlugtronError)):
+        return None
+    for cause in _causes(exc):
+        if isinstance(cause, OSError) and cause.errno in _WRITE_ERRNOS:
+            return f"cannot write the output: {cause.strerror}; nothing was written"
+    with contextlib.suppress(OSError):
+        free = shutil.disk_usage(dst.parent).free
+        if free < 2**20:  # some writers (torch's zip writer) hide ENOSPC behind their own message
+            return (f"cannot write the output: No space left on device ({free:,} bytes free where it goes); "
+                    f"nothing was written ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
+    return None

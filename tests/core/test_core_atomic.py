@@ -86,7 +86,7 @@ def test_a_failed_overwrite_keeps_the_old_destination(tmp_path: Path) -> None:
     dst = tmp_path / "out"
     dst.mkdir()
     (dst / "old").write_text("previous result")
-    with pytest.raises(OSError):
+    with pytest.raises(OutputError, match="No space left on device; nothing was written"):
         with atomic_output_dir(dst, overwrite=True) as tmp:
             (tmp / "half").write_text("half written")
             raise OSError(28, "No space left on device")

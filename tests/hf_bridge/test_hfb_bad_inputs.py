@@ -175,12 +175,12 @@ def test_third_party_adapter_found_through_the_plugin_manager(src, tmp_path) -> 
 
 
 def test_sigterm_during_export_leaves_nothing(tmp_path) -> None:
-    """torchrun stops ranks with SIGTERM; the CLI turns it into an exception so the temp dir goes."""
+    """The launcher stops ranks with SIGTERM; the CLI turns it into an exception so the temp dir goes."""
     script = textwrap.dedent(f"""
         import os, signal, torch
-        from plugtron_hf_bridge.cli import _terminate
+        from plugtron.cli import terminate
         from plugtron_hf_bridge.exporter import write_hf
-        signal.signal(signal.SIGTERM, _terminate)
+        signal.signal(signal.SIGTERM, terminate)
         def tensors():
             for i in range(20):
                 if i == 5:

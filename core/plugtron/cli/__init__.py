@@ -4,10 +4,12 @@ import torch only when they need it (``plugtron plugins`` never does)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
-from typing import Sequence
+import threading
+from typing import Iterator, Sequence
 
 from plugtron.errors import PluginError, PlugtronError
 
@@ -59,8 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from plugtron.runtime.launcher import private_tmpdir
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    _ignore_file_size_signal()
-    with private_tmpdir():
+    with _signals_as_exits(), private_tmpdir():
         try:
             pm = _manager(_extra_plugins(argv))
             args = _parser(pm).parse_args(argv)
@@ -69,19 +70,48 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _fail(exc, 2)
         except KeyboardInterrupt:
             return 130
-        except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, not a traceback
-            return _fail(exc, 1)
+        except (SystemExit, GeneratorExit):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - the last line of defence (torch's CheckpointException
+            return _fail(exc, 1)      # is a BaseException): one line, not a traceback
 
 
-def _ignore_file_size_signal() -> None:
-    """Past a file size limit (ulimit -f) the kernel kills the writer with SIGXFSZ, before any
-    cleanup; ignored, the write fails with EFBIG instead and the atomic writers remove their temp files."""
-    if hasattr(signal, "SIGXFSZ"):
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+def terminate(signum: int, frame: object) -> None:
+    """SIGTERM / SIGHUP as an exception: atomic writers remove their temp dirs, the launcher's TMPDIR goes."""
+    raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def _signals_as_exits() -> Iterator[None]:
+    """While a command runs: SIGTERM and SIGHUP raise SystemExit (see :func:`terminate`), and SIGXFSZ
+    is ignored: past a file size limit (ulimit -f) the kernel would kill the writer before any cleanup;
+    ignored, the write fails with EFBIG and the atomic writers remove their temp files."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    wanted = {signal.SIGTERM: terminate, signal.SIGHUP: terminate, signal.SIGXFSZ: signal.SIG_IGN}
+    previous = {signum: signal.signal(signum, handler) for signum, handler in wanted.items()}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """The exception that says why: torch's distributed checkpoint wraps each rank's in ``failures``."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        inner = next(iter(failures.values()))
+        inner = inner[0] if isinstance(inner, tuple) else inner
+        if isinstance(inner, BaseException):
+            return _cause(inner)
+    return exc
 
 
 def one_line(exc: BaseException) -> str:
     """The error as one line: PlugtronErrors as they are; others with their type, and the file for OSErrors."""
+    exc = _cause(exc)
     if isinstance(exc, PlugtronError):
         text = str(exc)
     elif isinstance(exc, OSError) and exc.strerror:
@@ -89,7 +119,10 @@ def one_line(exc: BaseException) -> str:
         text = f"{': '.join(map(str, names))}: {exc.strerror}" if names else f"{type(exc).__name__}: {exc.strerror}"
     else:
         text = f"{type(exc).__name__}: {exc}"
-    return " | ".join(line.strip() for line in text.splitlines() if line.strip()) or type(exc).__name__
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if any(line.startswith("Traceback (most recent call last)") for line in lines):
+        lines = [lines[0], lines[-1]]  # torch's CheckpointException carries a whole traceback: keep what and why
+    return " | ".join(lines) or type(exc).__name__
 
 
 def _fail(exc: BaseException, code: int) -> int:

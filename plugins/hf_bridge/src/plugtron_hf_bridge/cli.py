@@ -11,7 +11,6 @@ torchrun.
 from __future__ import annotations
 
 import argparse
-import signal
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -87,7 +86,7 @@ def _quiet() -> None:
 
 
 def _on_ranks(args: argparse.Namespace, argv: list[str], work: Callable[[Any], int]) -> int:
-    """Run ``work(parallel)`` on every rank, re-launching under torchrun when more than one is needed."""
+    """Run ``work(parallel)`` on every rank, starting the ranks (:mod:`plugtron.runtime.launcher`) when more than one is needed."""
     from plugtron.runtime.launcher import FAILURE_TIMEOUT_S, relaunch, under_launcher
 
     world = args.tp * args.pp
@@ -95,17 +94,9 @@ def _on_ranks(args: argparse.Namespace, argv: list[str], work: Callable[[Any], i
         return relaunch(world, argv)
     from plugtron.runtime.parallel import initialize_parallel
 
-    # torchrun stops peers with SIGTERM: make it an exception so atomic writers clean up.
-    previous = signal.signal(signal.SIGTERM, _terminate)
-    try:
-        parallel = initialize_parallel(args.tp, args.pp, args.vp, timeout_s=FAILURE_TIMEOUT_S)
-        return work(parallel)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _terminate(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)
+    # plugtron.cli.main turns SIGTERM into SystemExit, so atomic writers clean up when a peer fails.
+    parallel = initialize_parallel(args.tp, args.pp, args.vp, timeout_s=FAILURE_TIMEOUT_S)
+    return work(parallel)
 
 
 def _say(parallel: Any, text: str) -> None:
