@@ -11,6 +11,11 @@ before any byte of it is read:
 - JSON without duplicate keys (two entries for one name are ambiguous, and
   readers disagree on which one wins).
 
+One layout leaves its directory on purpose: the Hugging Face hub cache keeps
+``models--ORG--NAME/snapshots/REV/FILE`` as a symlink to ``../../blobs/HASH``.
+A snapshot's links into its *own* repository's ``blobs`` folder are accepted;
+any other link out is still refused.
+
 Errors are :class:`UntrustedFileError` naming the file; the HF bridge's
 ``CheckpointFormatError`` subclasses it, so callers catch one type.
 """
@@ -44,8 +49,9 @@ def regular_file_inside(directory: str | Path, name: str | Path, *, required: bo
 
     Returns None for an absent optional file; raises :class:`UntrustedFileError`
     for a symlink leading out, a special file (device, FIFO, socket) or a
-    directory. A symlink *within* the directory (HF cache snapshots use them
-    for blobs) is accepted only when its target is inside too.
+    directory. A symlink *within* the directory is accepted only when its
+    target is inside too; the one exception is a hub-cache snapshot's link
+    into its repository's ``blobs`` folder (see :func:`hub_blobs_folder`).
     """
     directory = Path(directory)
     path = directory / name
@@ -53,9 +59,11 @@ def regular_file_inside(directory: str | Path, name: str | Path, *, required: bo
         if required:
             raise UntrustedFileError(path, "file not found")
         return None
-    root = directory.resolve()
-    real = path.resolve()
-    if real != root and root not in real.parents:
+    try:
+        root, real = directory.resolve(), path.resolve()
+    except (OSError, RuntimeError) as exc:  # a symlink loop
+        raise UntrustedFileError(path, f"cannot resolve its links: {exc}") from exc
+    if not _inside(real, root) and not _is_hub_blob(real, root):
         raise UntrustedFileError(path, f"is a link to {real}, outside {root}; refusing to follow it")
     try:
         mode = os.stat(real).st_mode
@@ -64,6 +72,35 @@ def regular_file_inside(directory: str | Path, name: str | Path, *, required: bo
     if not stat.S_ISREG(mode):
         raise UntrustedFileError(path, "is not a regular file (directory, device, FIFO or socket); refusing to read it")
     return path
+
+
+def _inside(real: Path, root: Path) -> bool:
+    return real == root or root in real.parents
+
+
+#: Hub-cache repository folders of models: ``models--ORG--NAME`` (``models--NAME`` without an org).
+HUB_REPO_PREFIX = "models--"
+
+
+def hub_blobs_folder(root: Path) -> Path | None:
+    """The ``blobs`` folder of the hub-cache model repository whose snapshot holds ``root``, else None.
+
+    ``root`` is a resolved directory: the snapshot ``.../models--ORG--NAME/snapshots/REV``
+    itself or a folder inside it (files in ``REV/sub/`` link to ``../../../blobs/HASH``).
+    The folder is returned unresolved: if ``blobs`` were itself a link elsewhere, a real
+    path through it would not lie in it and would be refused.
+    """
+    for snapshot in (root, *root.parents):
+        snapshots = snapshot.parent
+        if snapshot != snapshots and snapshots.name == "snapshots" and snapshots.parent.name.startswith(HUB_REPO_PREFIX):
+            return snapshots.parent / "blobs"
+    return None
+
+
+def _is_hub_blob(real: Path, root: Path) -> bool:
+    """Whether ``real`` is a file directly in the blobs folder of ``root``'s own hub-cache repository."""
+    blobs = hub_blobs_folder(root)
+    return blobs is not None and real.parent == blobs
 
 
 def read_bytes_capped(path: str | Path, max_bytes: int) -> bytes:
@@ -84,19 +121,29 @@ def read_bytes_capped(path: str | Path, max_bytes: int) -> bytes:
     return data
 
 
+class DuplicateKeyError(ValueError):
+    """One JSON object names ``key`` twice (json.loads would silently keep the last)."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        super().__init__(f"key '{key}' appears twice in one JSON object; readers disagree on which entry wins")
+
+
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in pairs:
         if key in out:
-            raise ValueError(f"key '{key}' appears twice")
+            raise DuplicateKeyError(key)
         out[key] = value
     return out
 
 
 def parse_json_strict(raw: bytes | str, path: str | Path) -> Any:
-    """JSON text to Python, refusing duplicate keys; errors name ``path``."""
+    """JSON text to Python, refusing duplicate keys; errors name ``path`` (and the key, for a duplicate)."""
     try:
         return json.loads(raw, object_pairs_hook=_no_duplicate_keys)
+    except DuplicateKeyError as exc:
+        raise UntrustedFileError(path, str(exc)) from exc
     except (UnicodeDecodeError, ValueError) as exc:
         raise UntrustedFileError(path, f"is not valid JSON: {exc}") from exc
 

@@ -10,25 +10,42 @@ exit code 2; ``plugtron.errors`` is import-light (no torch), so this costs nothi
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
+from typing import Iterator
 
 from plugtron.errors import PlugtronError
+from plugtron.untrusted import UntrustedFileError
 
 
 class ConversionError(PlugtronError):
     """Base class of every error the bridge raises on purpose."""
 
 
-class CheckpointFormatError(ConversionError):
+class CheckpointFormatError(ConversionError, UntrustedFileError):
     """A checkpoint file or directory is missing, truncated, unsafe or malformed.
 
-    ``path`` is the offending file or directory.
+    ``path`` is the offending file or directory, ``problem`` what is wrong with
+    it (the ``(path, problem)`` signature comes from
+    :class:`plugtron.untrusted.UntrustedFileError`). Being both a
+    :class:`ConversionError` and an ``UntrustedFileError``, it is caught by
+    either, so callers that read strangers' files need one except clause.
     """
 
-    def __init__(self, path: str | Path, problem: str) -> None:
-        self.path = Path(path)
-        self.problem = problem
-        super().__init__(f"{self.path}: {problem}")
+
+@contextlib.contextmanager
+def checkpoint_errors() -> Iterator[None]:
+    """Re-raise :mod:`plugtron.untrusted`'s errors as :class:`CheckpointFormatError`, same path and problem.
+
+    Why: everything the bridge raises on purpose is a :class:`ConversionError`;
+    the file named by the original error stays in the message.
+    """
+    try:
+        yield
+    except CheckpointFormatError:
+        raise
+    except UntrustedFileError as exc:
+        raise CheckpointFormatError(exc.path, exc.problem) from exc
 
 
 class TensorNotFoundError(CheckpointFormatError, KeyError):

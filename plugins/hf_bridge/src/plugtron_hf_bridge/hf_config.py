@@ -14,11 +14,12 @@ defaults of the transformers config class, exactly as ``AutoConfig`` would.
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointFormatError, UnsupportedConfigError
+from plugtron.untrusted import read_json, regular_file_inside
+
+from .errors import CheckpointFormatError, UnsupportedConfigError, checkpoint_errors
 from .rope import need_value as _need
 from .rope import rope_fields_from_hf, rope_parameters_to_hf
 
@@ -58,6 +59,15 @@ _ARCH_NON_NUMERIC = {
            "reorder_and_upcast_attn"},  # a precision detail (fp32 softmax), not a different function
 }
 
+#: Keys published config.json files carry at a value that changes nothing; at any other value they are
+#: refused by name (``type`` and value must match: ``0`` is not ``false``).
+_HARMLESS_AT: dict[str, dict[str, Any]] = {
+    # Qwen2.5 (and DeepSeek-R1-Distill-Qwen) configs: multimodal 3-D rotary positions, off.
+    QWEN2: {"use_mrope": False},
+    # nanotron exports (SmolLM2): a marker, and the rotate-half RoPE layout HF Llama uses anyway.
+    LLAMA: {"is_llama_config": True, "rope_interleaved": False},
+}
+
 #: megatron fields whose non-default values none of these HF architectures can express.
 _MEGATRON_MUST_BE_DEFAULT: dict[str, Any] = {
     "apply_residual_connection_post_layernorm": False, "layernorm_zero_centered_gamma": False,
@@ -66,16 +76,24 @@ _MEGATRON_MUST_BE_DEFAULT: dict[str, Any] = {
 }
 
 
+#: A causal LM's config.json is a few KB; the cap bounds memory for a huge or endless file.
+MAX_CONFIG_BYTES = 4 * 2**20
+
+
 def read_hf_config(path: str | Path) -> dict[str, Any]:
-    """Load ``config.json`` from a checkpoint directory (or the file itself)."""
+    """Load ``config.json`` from a checkpoint directory (or the file itself).
+
+    Read through :mod:`plugtron.untrusted`: it must be a regular file inside
+    its directory (a link to ``/dev/zero`` or out of the directory is refused
+    before reading), at most :data:`MAX_CONFIG_BYTES`, JSON without duplicate keys.
+    """
     path = Path(path)
-    file = path / "config.json" if path.is_dir() else path
-    try:
-        data = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise CheckpointFormatError(file, "config.json not found") from None
-    except (OSError, ValueError) as exc:
-        raise CheckpointFormatError(file, f"unreadable config: {exc}") from exc
+    directory, name = (path, "config.json") if path.is_dir() else (path.parent, path.name)
+    with checkpoint_errors():
+        file = regular_file_inside(directory, name, required=False)
+        if file is None:
+            raise CheckpointFormatError(directory / name, "config.json not found")
+        data = read_json(file, max_bytes=MAX_CONFIG_BYTES, expect=None)
     if not isinstance(data, dict):
         raise CheckpointFormatError(file, "config.json is not a JSON object")
     return data
@@ -134,8 +152,14 @@ class _Keys:
         if self.raw("pruned_heads"):
             raise self.fail("pruned_heads", "pruned attention heads are not supported")
         allowed = NON_NUMERIC_KEYS | _ARCH_NON_NUMERIC.get(self.arch, set()) | self.used
+        harmless = _HARMLESS_AT.get(self.arch, {})
         for key in sorted(set(self.cfg) - allowed):
-            raise self.fail(key, f"unknown to the {self.arch} converter and may change the model's numbers; refusing to guess")
+            if key not in harmless:
+                raise self.fail(key, f"unknown to the {self.arch} converter and may change the model's numbers; refusing to guess")
+            value, expected = self.cfg[key], harmless[key]
+            if type(value) is not type(expected) or value != expected:
+                raise self.fail(key, f"is {value!r}; the {self.arch} converter supports only {expected!r}, "
+                                     "the value that leaves the model's numbers unchanged")
 
 
 def _activation(k: _Keys, key: str) -> str:

@@ -6,7 +6,9 @@ Two phases, so that a bad checkpoint fails before any weight is written:
    starting ranks): read ``config.json``, find the adapter through
    ``pm.converter("hf", architecture)``, translate the config, validate every
    safetensors header, and check the tensor table against the checkpoint:
-   missing tensors, unused tensors and wrong shapes are reported all at once.
+   missing tensors, unused tensors, wrong shapes and non-floating dtypes are
+   reported all at once. Side files to copy along must be regular files inside
+   the source directory.
 2. :func:`import_hf`: build through the shared pipeline on the meta device
    with a ``load_weights`` hook (:class:`ShardLoader`) that reads, per
    parameter, only the rows/columns this rank holds: whole query groups of
@@ -97,13 +99,30 @@ def plan_import(src: str | Path, *, tp: int = 1, pp: int = 1, vp: int | None = N
     arch = architecture_from(hf_config, where)
     adapter = load_adapter(arch, pm)
     config = adapter.config_from_hf(hf_config, source=where)
+    tokenizer = side_files(source)
     with SafetensorsCheckpoint(source) as ckpt:
         dtype_name = dtype or stored_dtype(ckpt, source)
         set_layout(config, tp, pp, vp, dtype_name)
         config.finalize()
-        unused = check_checkpoint(ckpt, adapter.tensor_mappings(config), adapter, config)
-    tokenizer = [name for name in TOKENIZER_FILES if (source / name).is_file()]
+        mappings = adapter.tensor_mappings(config)
+        unused = check_checkpoint(ckpt, mappings, adapter, config)
+        check_dtypes(ckpt, mappings, dtype_name)
     return ImportPlan(source, hf_config, arch, adapter, config, dtype_name, unused, tokenizer)
+
+
+def side_files(source: Path) -> list[str]:
+    """The :data:`TOKENIZER_FILES` present in ``source``, each a regular file inside it.
+
+    They are copied into the output later, so a link out of the directory
+    (``tokenizer.json -> /etc/passwd``) would copy whatever the checkpoint's
+    author chose from this machine: it is refused by name now, before anything is written.
+    """
+    from plugtron.untrusted import regular_file_inside
+
+    from .errors import checkpoint_errors
+
+    with checkpoint_errors():
+        return [name for name in TOKENIZER_FILES if regular_file_inside(source, name, required=False)]
 
 
 def stored_dtype(ckpt: Any, source: Path) -> str:
@@ -151,6 +170,23 @@ def check_checkpoint(ckpt: Any, mappings: "list[TensorMapping]", adapter: HFAdap
     if wrong:
         raise TensorSetError(f"{ckpt.directory}: tensor shapes differ from what config.json implies", wrong)
     return extra
+
+
+def check_dtypes(ckpt: Any, mappings: "list[TensorMapping]", dtype_name: str) -> None:
+    """Every tensor the table loads becomes a floating-point parameter, so it must be stored as one.
+
+    An integer or bool tensor (I32 where F32 belongs has the same byte size, so
+    nothing else notices) would be reinterpreted or cast into garbage weights.
+    All such tensors are named at once, with file and both dtypes.
+    """
+    wrong = []
+    for name in sorted({n for m in mappings for n in m.hf_names}):
+        info = ckpt.info(name)
+        if not info.dtype.is_floating_point:
+            stored = str(info.dtype).removeprefix("torch.")
+            wrong.append(f"{name} in {info.file.name} is stored as {stored} (the model holds it as {dtype_name})")
+    if wrong:
+        raise TensorSetError(f"{ckpt.directory}: tensors stored with a non-floating dtype where a float weight belongs", wrong)
 
 
 def import_hf(src: str | Path, *, tp: int = 1, pp: int = 1, vp: int | None = None, dtype: str | None = None,
