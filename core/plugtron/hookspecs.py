@@ -35,6 +35,12 @@ def plugtron_register_families() -> "list[FamilyInfo]":
     family is first built. A family name may be claimed by one plugin only:
     a second claim is an error naming both distributions.
 
+    Config files are untrusted: a callable field (``activation_func``,
+    ``init_method`` ...) loads only torch/megatron activations and
+    ``torch.nn.init`` methods, plus the exact ``"module:function"`` paths a
+    family lists in ``config_callables`` (a model using its own activation
+    must declare it, or its saved configs cannot be saved or loaded).
+
     Example::
 
         from plugtron import FamilyInfo, hookimpl
@@ -47,6 +53,7 @@ def plugtron_register_families() -> "list[FamilyInfo]":
                     config_class="plugtron_gpt.config:GPTModelConfig",
                     builder_class="plugtron_gpt.builder:GPTModelBuilder",
                     description="Decoder-only transformer (GPT, Llama, Qwen ...)",
+                    config_callables=("my_package.activations:gelu_tanh",),  # optional
                 )
             ]
     """
@@ -132,6 +139,11 @@ def plugtron_pre_wrap(model: "list[Any]", config: Any, context: "BuildContext") 
                 if embedding is not None:
                     embedding.requires_grad_(False)
             return None
+
+    With tied embeddings under pipeline parallelism only the first stage has
+    ``embedding``; the pipeline then freezes the last stage's copy
+    (``output_layer.weight``) too, with a warning, because the two copies
+    are one weight (:mod:`plugtron.pipeline.tied`).
     """
 
 

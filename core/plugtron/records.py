@@ -2,11 +2,19 @@
 
 Classes and factories are named by import path ("package.module:attr") and
 resolved only when used, so listing plugins never imports torch or megatron.
+
+Trust: an import path in a record is *declared by an installed plugin*, code
+the user chose to install, and :func:`resolve` follows it. A path *read from
+a file* (a model config, a downloaded checkpoint) is never passed to
+:func:`resolve`; config callables go through the closed allowlist of
+:mod:`plugtron.config._codec`, which plugins extend with
+:attr:`FamilyInfo.config_callables`.
 """
 
 from __future__ import annotations
 
 import importlib
+import re
 from typing import Any, Callable
 
 import attrs
@@ -34,6 +42,23 @@ def import_path_of(obj: Any) -> str:
     return f"{module}:{qualname}"
 
 
+_CALLABLE_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
+
+
+def _callable_paths(value: Any) -> tuple[str, ...]:
+    """A tuple of ``"package.module:function"`` paths; a bare string would silently split into letters."""
+    if isinstance(value, str):
+        raise TypeError(f"config_callables must be a tuple of import paths, not the string {value!r}")
+    paths = tuple(value)
+    for path in paths:
+        if not isinstance(path, str) or not _CALLABLE_PATH.fullmatch(path):
+            raise ValueError(
+                f"config_callables entry {path!r} must look like 'package.module:function' "
+                "(one module-level name, no attribute walk)"
+            )
+    return paths
+
+
 @attrs.frozen
 class FamilyInfo:
     """One model family: ``name`` is what configs record as their ``family``."""
@@ -42,6 +67,13 @@ class FamilyInfo:
     config_class: str
     builder_class: str
     description: str = ""
+    #: Functions, beyond the core allowlist (``plugtron.config._codec.CORE_CALLABLES``:
+    #: torch/megatron activations and ``torch.nn.init`` methods), that a saved
+    #: config may name in a callable field such as ``activation_func``, e.g.
+    #: ``("my_pkg.acts:my_act",)``. Config files are untrusted, so only exact
+    #: ``module:function`` paths listed here or in the core list load; every
+    #: installed family's list extends the allowlist of every config.
+    config_callables: tuple[str, ...] = attrs.field(default=(), converter=_callable_paths)
     #: Filled in by the plugin manager with the distribution of the plugin.
     distribution: str | None = None
     plugin: str | None = None

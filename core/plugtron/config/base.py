@@ -37,7 +37,10 @@ model_config: Callable[[C], C] = attrs.define(init=False, slots=False, eq=False)
 
 @functools.lru_cache(maxsize=None)
 def transformer_fields(path: str) -> dict[str, Any]:
-    """Init fields of the TransformerConfig class at ``path``: name -> type hint."""
+    """Init fields of the TransformerConfig class at ``path``: name -> type hint.
+
+    ``path`` is a family's ``transformer_config_class`` (plugin code), never file data.
+    """
     import dataclasses
     import typing
 
@@ -64,6 +67,9 @@ class ModelConfig:
     """Family-independent fields; subclasses add their own with :func:`model_config`."""
 
     family: ClassVar[str] = ""
+    #: Declared by the family's code (trusted), never read from a file: a
+    #: ClassVar is neither an attrs field nor a TransformerConfig keyword, so a
+    #: config file naming it is refused as an unknown field.
     transformer_config_class: ClassVar[str] = "megatron.core.transformer.transformer_config:TransformerConfig"
 
     #: Named layer spec (``te``, ``local``, ``torch`` ...) or ``auto``.
@@ -103,7 +109,7 @@ class ModelConfig:
         return self._transformer
 
     def _make_transformer(self) -> Any:
-        cls = resolve(self.transformer_config_class)
+        cls = resolve(type(self).transformer_config_class)  # the class's, never an instance's
         try:
             return cls(**self._tc_kwargs)
         except (ValueError, AssertionError, TypeError) as exc:
