@@ -38,6 +38,7 @@ EXPECTED_CORE = (
     "megatron.core.activations:squared_relu", "megatron.core.activations:quick_gelu",
     "megatron.core.activations:fast_gelu", "megatron.core.fusions.fused_bias_geglu:quick_gelu",
     "megatron.core.transformer.utils:openai_gelu", "megatron.core.transformer.utils:erf_gelu",
+    "plugtron.activations:gelu_tanh",
     *(f"torch.nn.init:{n}" for n in ("normal_", "trunc_normal_", "uniform_", "constant_", "zeros_", "ones_",
                                      "xavier_normal_", "xavier_uniform_", "kaiming_normal_", "kaiming_uniform_")),
 )
@@ -242,8 +243,8 @@ def test_partials_with_scalar_arguments_round_trip(tmp_path, pm, partial):
             partial.func, partial.args, partial.keywords)
 
 
-def test_the_gpt_family_declares_the_hf_bridge_tanh_gelu(tmp_path, pm):
-    from plugtron_hf_bridge.activations import gelu_tanh
+def test_plugtrons_own_tanh_gelu_round_trips(tmp_path, pm):
+    from plugtron.activations import gelu_tanh
 
     config = GPTModelConfig(**{k: v for k, v in TINY.items() if k != "family"}, activation_func=gelu_tanh)
     assert load(save(config, tmp_path / "gpt2.json", pm), pm).activation_func is gelu_tanh

@@ -41,6 +41,7 @@ ACTIVATIONS: tuple[str, ...] = (
     "megatron.core.fusions.fused_bias_geglu:quick_gelu",  # the one TransformerConfig/MLP compare against
     "megatron.core.transformer.utils:openai_gelu",  # Megatron-LM --openai-gelu
     "megatron.core.transformer.utils:erf_gelu",  # Megatron-LM --onnx-safe
+    "plugtron.activations:gelu_tanh",  # GPT-2's gelu_new / HF gelu_pytorch_tanh (converters)
 )
 
 #: Weight initializers for ``init_method``, ``output_layer_init_method`` and

@@ -15,9 +15,6 @@ def plugtron_register_families() -> list[FamilyInfo]:
             config_class="plugtron_gpt.config:GPTModelConfig",
             builder_class="plugtron_gpt.builder:GPTModelBuilder",
             description="decoder-only transformer (GPT-2, Llama, Mistral, Qwen), RoPE variants and MTP",
-            # GPT-2's tanh GELU: the HF bridge stores it in the GPT configs it converts
-            # (saved plugtron_model.json files must load it); not in the core allowlist.
-            config_callables=("plugtron_hf_bridge.activations:gelu_tanh",),
         )
     ]
 

@@ -16,5 +16,4 @@ Import the submodules you need:
 - ``safetensors_io`` / ``region_io``: safe checkpoint reading, region reads, sharded writing.
 - ``hf_config`` / ``rope``: HF ``config.json`` <-> megatron config fields.
 - ``mappings`` / ``pieces``: tensor name/layout tables, repacking, per-shard row layouts.
-- ``activations``: activation functions referenced by import path.
 """

@@ -33,7 +33,7 @@ _CONFIG_CLASSES = {LLAMA: "LlamaConfig", MISTRAL: "MistralConfig", QWEN2: "Qwen2
 SILU = "torch.nn.functional:silu"
 GELU = "torch.nn.functional:gelu"
 RELU = "torch.nn.functional:relu"
-GELU_TANH = "plugtron_hf_bridge.activations:gelu_tanh"
+GELU_TANH = "plugtron.activations:gelu_tanh"
 _ACTIVATIONS = {"silu": SILU, "swish": SILU, "gelu": GELU, "relu": RELU, "gelu_new": GELU_TANH, "gelu_pytorch_tanh": GELU_TANH}
 _HF_ACT = {LLAMA: {SILU: "silu", GELU: "gelu", RELU: "relu", GELU_TANH: "gelu_pytorch_tanh"},
            GPT2: {GELU_TANH: "gelu_new", GELU: "gelu", RELU: "relu", SILU: "silu"}}

@@ -1,8 +1,10 @@
-"""Activation functions that megatron configs reference by import path.
+"""Activation functions plugtron provides for configs to name by import path.
 
 Configs store the activation as a ``"module:function"`` string so they stay
 plain data (YAML/JSON); this module holds the ones torch does not expose as a
-one-argument function.
+one-argument function. Every function here is on the core allowlist
+(:data:`plugtron.config._codec.ACTIVATIONS`), so any family and converter can
+use it without declaring it.
 """
 
 from __future__ import annotations
