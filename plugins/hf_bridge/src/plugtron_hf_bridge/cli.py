@@ -57,8 +57,8 @@ def _verify_parser(commands: Any) -> None:
     _layout_args(parser)
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32", help="dtype of both models (default float32)")
     parser.add_argument("--tolerance", type=float, default=None,
-                        help="max abs logits difference from transformers in float32 (default: 1e-4 in float32; "
-                             "in bf16/fp16 twice transformers' own difference in that precision)")
+                        help="max abs logits difference allowed (default: twice transformers' own difference from a "
+                             "run one precision higher, float64 for float32, and at least 1e-4)")
     parser.add_argument("--batch", type=positive_int, default=2)
     parser.add_argument("--seq", type=positive_int, default=None, help="tokens per sample (default min(seq_length, 32))")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON line")
