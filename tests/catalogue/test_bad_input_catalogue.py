@@ -76,42 +76,119 @@ def assert_one_line(code: int, err: str, *needles: str) -> None:
         assert needle in err, (needle, err)
 
 
-# -- rows: (id, make argv from the work folder, needles in the error) ---------------------------------
-Row = tuple[str, Callable[[Path], list], tuple[str, ...]]
+# -- what a stranger's files can be --------------------------------------------------------------------
+def edit_header(folder: Path, change: Callable[[dict], str]) -> None:
+    """Rewrite ``model.safetensors``'s JSON header with ``change(header) -> new header text``."""
+    path = folder / "model.safetensors"
+    raw = path.read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + length])
+    text = change(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + length:])
+
+
+def overlapping(header: dict) -> str:
+    """The second layer's q_proj points at the first layer's bytes (same size)."""
+    a, b = "model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.q_proj.weight"
+    header[b]["data_offsets"] = header[a]["data_offsets"]
+    return json.dumps(header)
+
+
+def duplicated(header: dict) -> str:
+    """One tensor listed twice: JSON lets the second entry win silently."""
+    name = "model.norm.weight"
+    text = json.dumps(header)
+    return text[:-1] + f", {json.dumps(name)}: {json.dumps(header[name])}}}"
+
+
+def integer_weights(header: dict) -> str:
+    header["model.norm.weight"]["dtype"] = "I32"  # same bytes per element as F32
+    return json.dumps(header)
+
+
+def link_out(name: str) -> Callable[[Path], None]:
+    def prepare(work: Path) -> None:
+        (work / "secret").write_text("a private key")
+        (work / "hf" / name).unlink(missing_ok=True)
+        (work / "hf" / name).symlink_to(work / "secret")
+    return prepare
+
+
+def config_to_dev_zero(work: Path) -> None:
+    (work / "hf" / "config.json").unlink()
+    (work / "hf" / "config.json").symlink_to("/dev/zero")
+
+
+def shell_in_config(work: Path) -> None:
+    text = (ROOT / "examples" / "configs" / "default.yaml").read_text()
+    text += f"activation_func: {{function: 'os:system', args: ['touch {work / 'marker'}']}}\n"
+    (work / "evil.yaml").write_text(text)
+
+
+def import_path_in_config(work: Path) -> None:
+    (work / "mods" / "evil_module.py").write_text(f"open({str(work / 'marker')!r}, 'w')\ndef act(x):\n    return x\n")
+    text = (ROOT / "examples" / "configs" / "default.yaml").read_text() + "activation_func: 'evil_module:act'\n"
+    (work / "evil.yaml").write_text(text)
+
+
+def nothing(work: Path) -> None:
+    pass
+
+
+TO_MEGATRON = lambda w: ["convert", w / "hf", w / "out", "--to", "megatron"]  # noqa: E731
+BUILD_EVIL = lambda w: ["build", w / "evil.yaml"]  # noqa: E731
+
+#: (id, prepare the work folder, argv, needles the one error line must hold)
+Row = tuple[str, Callable[[Path], None], Callable[[Path], list], tuple[str, ...]]
 
 ROWS: list[Row] = [
-    ("convert onto its own source, --overwrite",
+    ("convert onto its own source, --overwrite", nothing,
      lambda w: ["convert", w / "hf", w / "hf", "--to", "megatron", "--overwrite"], ("is the source",)),
-    ("convert into a folder inside the source",
+    ("convert into a folder inside the source", nothing,
      lambda w: ["convert", w / "hf", w / "hf" / "out", "--to", "megatron", "--overwrite"], ("lies inside the source",)),
-    ("convert over a folder that contains the source",
+    ("convert over a folder that contains the source", nothing,
      lambda w: ["convert", w / "hf", w, "--to", "megatron", "--overwrite"], ("contains the source",)),
-    ("convert onto an existing destination",
+    ("convert onto an existing destination", nothing,
      lambda w: ["convert", w / "hf", w / "hf2", "--to", "megatron"], ("already exists", "--overwrite")),
-    ("--tp 0", lambda w: ["convert", w / "hf", w / "out", "--to", "megatron", "--tp", "0"], ("--tp", "at least 1")),
-    ("--pp -1", lambda w: ["verify", w / "hf", "--pp", "-1"], ("--pp", "at least 1")),
-    ("build --tp 0", lambda w: ["build", ROOT / "examples" / "configs" / "default.yaml", "--tp", "0"], ("--tp", "at least 1")),
-    ("-p a module that does not exist",
+    ("--tp 0", nothing, lambda w: ["convert", w / "hf", w / "out", "--to", "megatron", "--tp", "0"], ("--tp", "at least 1")),
+    ("--pp -1", nothing, lambda w: ["verify", w / "hf", "--pp", "-1"], ("--pp", "at least 1")),
+    ("build --tp 0", nothing, lambda w: ["build", ROOT / "examples" / "configs" / "default.yaml", "--tp", "0"],
+     ("--tp", "at least 1")),
+    ("-p a module that does not exist", nothing,
      lambda w: ["-p", "no_such_plugtron_plugin", "plugins"], ("-p no_such_plugtron_plugin", "No module named")),
-    ("-p a module that raises at import",
+    ("-p a module that raises at import", nothing,
      lambda w: ["-p", "raising_plugin", "plugins"], ("-p raising_plugin", "ZeroDivisionError")),
-    ("megatron checkpoint that is not one",
+    ("megatron checkpoint that is not one", nothing,
      lambda w: ["convert", w / "hf", w / "out", "--to", "hf"], ("not a plugtron megatron checkpoint",)),
-    ("missing HF source", lambda w: ["convert", w / "nothing", w / "out", "--to", "megatron"], ("nothing",)),
+    ("missing HF source", nothing, lambda w: ["convert", w / "nothing", w / "out", "--to", "megatron"], ("nothing",)),
+    ("safetensors: two tensors share bytes", lambda w: edit_header(w / "hf", overlapping), TO_MEGATRON,
+     ("model.safetensors", "model.layers.1.self_attn.q_proj.weight")),
+    ("safetensors: a tensor listed twice", lambda w: edit_header(w / "hf", duplicated), TO_MEGATRON,
+     ("model.safetensors", "model.norm.weight", "twice")),
+    ("safetensors: float weight stored as int32", lambda w: edit_header(w / "hf", integer_weights), TO_MEGATRON,
+     ("model.norm.weight", "int32")),
+    ("config.json is a link to /dev/zero", config_to_dev_zero, TO_MEGATRON, ("config.json",)),
+    ("tokenizer file links outside the checkpoint", link_out("tokenizer_config.json"), TO_MEGATRON,
+     ("tokenizer_config.json", "outside")),
+    ("config runs a shell command through a partial", shell_in_config, BUILD_EVIL, ("activation_func", "os:system")),
+    ("config names a module beside it", import_path_in_config, BUILD_EVIL, ("activation_func", "evil_module:act")),
 ]
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[row[0] for row in ROWS])
 def test_bad_input_is_one_clear_line_and_loses_nothing(row: Row, work: Path, capsys, monkeypatch) -> None:
-    _, make_argv, needles = row
+    _, prepare, make_argv, needles = row
     (work / "hf2").mkdir()
     (work / "hf2" / "keep").write_text("a user's file")
     (work / "mods").mkdir()
     (work / "mods" / "raising_plugin.py").write_text("1 / 0\n")
     monkeypatch.syspath_prepend(str(work / "mods"))
+    prepare(work)
     before = digest(work)
     code, err = run_cli(capsys, make_argv(work))
     assert_one_line(code, err, *needles)
+    assert not (work / "marker").exists(), "code from the input ran"
     assert digest(work) == before  # nothing written, nothing destroyed
     assert leftovers(work) == []
 
