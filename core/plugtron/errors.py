@@ -3,8 +3,23 @@
 from __future__ import annotations
 
 
+def _rebuild(cls: type, args: tuple, state: dict) -> "PlugtronError":
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
+
 class PlugtronError(Exception):
-    """Base class of every error plugtron raises on purpose."""
+    """Base class of every error plugtron raises on purpose.
+
+    Picklable whatever a subclass's constructor takes (torch sends a rank's
+    exception to the others by pickling it): rebuilt from its message and
+    attributes, without calling ``__init__`` again.
+    """
+
+    def __reduce__(self) -> tuple:
+        return (_rebuild, (type(self), self.args, dict(self.__dict__)))
 
 
 class PluginError(PlugtronError):

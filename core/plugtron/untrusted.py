@@ -144,7 +144,7 @@ def parse_json_strict(raw: bytes | str, path: str | Path) -> Any:
         return json.loads(raw, object_pairs_hook=_no_duplicate_keys)
     except DuplicateKeyError as exc:
         raise UntrustedFileError(path, str(exc)) from exc
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise UntrustedFileError(path, f"is not valid JSON: {exc}") from exc
 
 
