@@ -216,6 +216,20 @@ def test_disk_full_mid_export_keeps_the_old_destination(work: Path, small_fs: Pa
     assert leftovers(small_fs) == []
 
 
+@pytest.fixture(scope="module")
+def megatron_checkpoint(pristine: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("meg") / "meg"
+    assert main(["convert", str(pristine), str(out), "--to", "megatron", "--no-progress"]) == 0
+    return out
+
+
+def test_disk_full_mid_export_to_hf(megatron_checkpoint: Path, small_fs: Path, capsys) -> None:
+    before = digest(megatron_checkpoint)
+    code, err = run_cli(capsys, ["convert", megatron_checkpoint, small_fs / "hf", "--to", "hf", "--no-progress"])
+    assert_one_line(code, err, str(small_fs / "hf"), "No space left on device", "nothing was written")
+    assert list(small_fs.iterdir()) == [] and digest(megatron_checkpoint) == before
+
+
 def test_read_only_destination_parent(work: Path, small_fs: Path, capsys) -> None:
     subprocess.run(["mount", "-o", "remount,ro", str(small_fs)], check=True)
     code, err = run_cli(capsys, ["convert", work / "hf", small_fs / "out", "--to", "megatron", "--no-progress"])
