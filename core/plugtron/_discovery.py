@@ -6,8 +6,9 @@ Kept apart from the manager so the selection rules (``PLUGTRON_PLUGINS``,
 
 from __future__ import annotations
 
+import difflib
 import importlib.metadata as md
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import attrs
 
@@ -16,6 +17,9 @@ from plugtron._markers import ENTRY_POINT_GROUP
 DISABLE_VAR = "PLUGTRON_DISABLE_PLUGINS"
 SELECT_VAR = "PLUGTRON_PLUGINS"
 STRICT_VAR = "PLUGTRON_STRICT"
+#: The statuses ``plugtron plugins`` shows for plugins the environment keeps out.
+DISABLED = f"disabled by {DISABLE_VAR}"
+NOT_SELECTED = f"not selected by {SELECT_VAR}"
 
 
 @attrs.frozen
@@ -49,10 +53,34 @@ class Selection:
         """``None`` when the plugin may load, else the status to report."""
         keys = {name} | ({distribution} if distribution else set())
         if keys & self.disabled:
-            return f"disabled by {DISABLE_VAR}"
+            return DISABLED
         if self.only and not keys & self.only:
-            return f"not selected by {SELECT_VAR}"
+            return NOT_SELECTED
         return None
+
+    def unknown_names(self, candidates: Iterable[Candidate]) -> list[str]:
+        """One message per selected or disabled name that matches no installed plugin.
+
+        A typo here would otherwise select nothing, or disable nothing, without a word.
+        """
+        known = sorted({c.name for c in candidates} | {c.distribution for c in candidates})
+        entry_points = ", ".join(sorted({c.name for c in candidates})) or "none"
+        messages = []
+        for var, names in ((SELECT_VAR, self.only), (DISABLE_VAR, self.disabled)):
+            for name in sorted(names - set(known)):
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                messages.append(f"{var} names '{name}', which is no installed plugin{hint}; installed: {entry_points}")
+        return messages
+
+
+def left_out_because(status: str) -> str | None:
+    """For a plugin the environment kept out: the clause saying which variable did it, and the fix."""
+    if status == DISABLED:
+        return f"which {DISABLE_VAR} disables (remove it from {DISABLE_VAR} to load it)"
+    if status == NOT_SELECTED:
+        return f"which {SELECT_VAR} leaves out (add it to {SELECT_VAR} to load it)"
+    return None
 
 
 def strict_from_env(env: Mapping[str, str]) -> bool:

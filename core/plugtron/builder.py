@@ -74,10 +74,15 @@ class ModelBuilder(abc.ABC):
 
     # -- per-call hooks ----------------------------------------------------
     def register_pre_wrap_hook(self, hook: WrapHook, prepend: bool = False) -> None:
-        """Run ``hook(model, config, context)`` after the plugins' pre-wrap hooks."""
+        """Run ``hook(model, config, context)`` after the plugins' pre-wrap hooks.
+
+        ``build_model(config, pre_wrap_hooks=[...])`` appends here, so callers
+        that never see the builder still reach this step.
+        """
         self.pre_wrap_hooks.insert(0, hook) if prepend else self.pre_wrap_hooks.append(hook)
 
     def register_post_wrap_hook(self, hook: WrapHook, prepend: bool = False) -> None:
+        """Run ``hook(model, config, context)`` after the plugins' post-wrap hooks (and DDP/FSDP)."""
         self.post_wrap_hooks.insert(0, hook) if prepend else self.post_wrap_hooks.append(hook)
 
     # -- what a family provides -------------------------------------------

@@ -31,10 +31,27 @@ def describe_specs(pm: "PlugtronPluginManager", family: str) -> list[tuple[Layer
     return [(info, info.availability()) for info in pm.layer_specs(family)]
 
 
+def _no_specs(pm: "PlugtronPluginManager", family: str) -> str:
+    """The error for a family without specs names the hook and the record to return from it,
+    since this is the first thing a new family's author meets after registering the family."""
+    provider = pm.tables.families.get(family)
+    who = f" (provided by plugin '{provider.plugin}')" if provider else ""
+    example = {"family": repr(family), "name": "'local'", "factory": "'pkg.specs:make_spec'", "check": "'pkg.specs:available'"}
+    fields = ", ".join(
+        f"{f.name}={example.get(f.name, '...' if f.default is attrs.NOTHING else repr(f.default))}"
+        for f in attrs.fields(LayerSpecInfo) if f.name not in ("distribution", "plugin")
+    )
+    return (
+        f"no layer specs are registered for family '{family}'{who}; register one from the hook "
+        f"plugtron_register_layer_specs(), which returns a list of LayerSpecInfo({fields}); "
+        f"make_spec(config) returns the layer spec, available() an Availability (see plugtron.hookspecs)"
+    )
+
+
 def select_layer_spec(pm: "PlugtronPluginManager", family: str, requested: str = AUTO) -> SpecChoice:
     specs = describe_specs(pm, family)
     if not specs:
-        raise LayerSpecError(f"no layer specs are registered for family '{family}'")
+        raise LayerSpecError(_no_specs(pm, family))
     if requested != AUTO:
         for info, available in specs:
             if info.name == requested:

@@ -7,6 +7,7 @@ notebooks, ``plugtron -p module``).
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import os
 import traceback
@@ -18,7 +19,7 @@ import pluggy
 
 from plugtron import _discovery, _registry, hookspecs
 from plugtron._markers import PROJECT_NAME
-from plugtron.errors import PluginError, UnknownFamilyError
+from plugtron.errors import PluginError, PlugtronError, UnknownFamilyError
 from plugtron.facade import Hooks
 from plugtron.records import ConverterInfo, FamilyInfo, LayerSpecInfo
 
@@ -28,6 +29,10 @@ _SPEC_NAMES = frozenset(n for n in dir(hookspecs) if n.startswith("plugtron_"))
 
 class PluginLoadWarning(UserWarning):
     """A plugin failed to load and was skipped (set PLUGTRON_STRICT=1 to fail instead)."""
+
+
+class PluginSelectionWarning(PluginLoadWarning):
+    """``PLUGTRON_PLUGINS`` / ``PLUGTRON_DISABLE_PLUGINS`` names no installed plugin (a typo, usually)."""
 
 
 @attrs.define
@@ -67,6 +72,8 @@ class PlugtronPluginManager:
         self.pm = _Pluggy(PROJECT_NAME)
         self.pm.add_hookspecs(hookspecs)
         self.records: dict[str, PluginRecord] = {}
+        #: Problems that skipped nothing but deserve a word (``plugtron plugins`` shows them).
+        self.warnings: list[str] = []
         self._tables: _registry.Registries | None = None
         self.hooks = Hooks(self.pm)
         from plugtron import _builtin
@@ -77,7 +84,9 @@ class PlugtronPluginManager:
 
     # -- loading -----------------------------------------------------------
     def load_entrypoints(self) -> None:
-        for cand in _discovery.find_candidates():
+        candidates = _discovery.find_candidates()
+        self._check_selection(candidates)
+        for cand in candidates:
             if cand.name in self.records:
                 continue
             record = PluginRecord(cand.name, cand.distribution, cand.version, "entry point")
@@ -94,6 +103,16 @@ class PlugtronPluginManager:
                 self._failed(record, exc)
                 continue
             self._register_guarded(plugin, cand.name, record)
+
+    def _check_selection(self, candidates: list[_discovery.Candidate]) -> None:
+        """A misspelled name in PLUGTRON_PLUGINS would silently select nothing: say so (strict: fail)."""
+        for message in self.selection.unknown_names(candidates):
+            if message in self.warnings:
+                continue
+            self.warnings.append(message)
+            if self.strict:
+                raise PluginError(message)
+            warnings.warn(message, PluginSelectionWarning, stacklevel=4)
 
     def register(self, plugin: Any, name: str | None = None, *, distribution: str | None = None) -> None:
         """Register a plugin object or module in-process; errors are raised, not skipped."""
@@ -129,7 +148,10 @@ class PlugtronPluginManager:
 
     def _failed(self, record: PluginRecord, exc: BaseException) -> None:
         record.status = "failed"
-        record.error = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        if isinstance(exc, PlugtronError):  # our own message already says what and who
+            record.error = str(exc)
+        else:
+            record.error = "".join(traceback.format_exception_only(type(exc), exc)).strip()
         self.records[record.name] = record
         message = f"plugtron plugin '{record.name}' from {record.distribution} {record.version} failed to load: {record.error}"
         if self.strict:
@@ -170,19 +192,32 @@ class PlugtronPluginManager:
         try:
             return self.tables.families[name]
         except KeyError:
-            known = ", ".join(sorted(self.tables.families)) or "none"
-            raise UnknownFamilyError(
-                f"no plugin provides model family '{name}' (installed families: {known}); "
-                f"install its plugin, e.g. pip install plugtron-{name}"
-            ) from None
+            raise UnknownFamilyError(self._unknown_family(name)) from None
+
+    def _unknown_family(self, name: str) -> str:
+        """Why ``name`` is missing: a plugin the environment left out, one that failed, or none installed."""
+        known = ", ".join(sorted(self.tables.families)) or "none"
+        record = self._likely_provider(name)
+        why = _why_not_loaded(record) if record else None
+        if record and why:
+            return (f"model family '{name}' is provided by plugin '{record.name}' ({record.distribution}), "
+                    f"{why}; loaded families: {known}")
+        return (f"no plugin provides model family '{name}' (installed families: {known}); "
+                f"install its plugin, e.g. pip install plugtron-{name}")
+
+    def _likely_provider(self, family: str) -> PluginRecord | None:
+        """An unloaded plugin is never imported, so its families are unknown: match by name,
+        the convention every plugtron family follows (entry point ``gpt``, distribution ``plugtron-gpt``)."""
+        for record in self.records.values():
+            if family in (record.name, record.distribution) or record.distribution == f"plugtron-{family}":
+                return record
+        return None
 
     def layer_specs(self, family: str) -> list[LayerSpecInfo]:
         specs = [s for (fam, _), s in self.tables.layer_specs.items() if fam == family]
         return sorted(specs, key=lambda s: -s.priority)
 
     def converter(self, source_format: str, architecture: str) -> ConverterInfo:
-        from plugtron.errors import PlugtronError
-
         try:
             return self.tables.converters[(source_format, architecture)]
         except KeyError:
@@ -194,13 +229,28 @@ class PlugtronPluginManager:
 
 
 def _check_names(plugin: Any, name: str, distribution: str | None) -> None:
-    """A ``plugtron_*`` attribute that matches no spec is a misspelled hook."""
+    """A ``plugtron_*`` attribute that matches no spec is a misspelled hook: pluggy would ignore it
+    silently, and the plugin would seem to do nothing."""
     for attr in dir(plugin):
         if attr.startswith("plugtron_") and attr not in _SPEC_NAMES and callable(getattr(plugin, attr, None)):
+            hint = _closest_hook(attr)
             raise PluginError(
                 f"plugin '{name}' ({distribution or 'in-process'}) defines '{attr}', which matches no "
-                f"plugtron hook; known hooks: {', '.join(sorted(_SPEC_NAMES))}"
+                f"plugtron hook; {hint}"
             )
+
+
+def _closest_hook(attr: str) -> str:
+    """Compared without the shared ``plugtron_`` prefix, which would make every name look close."""
+    stems = {name.removeprefix("plugtron_"): name for name in _SPEC_NAMES}
+    close = difflib.get_close_matches(attr.removeprefix("plugtron_"), sorted(stems), n=1)
+    return f"did you mean '{stems[close[0]]}'?" if close else f"known hooks: {', '.join(sorted(_SPEC_NAMES))}"
+
+
+def _why_not_loaded(record: PluginRecord) -> str | None:
+    if record.status == "failed":
+        return f"which failed to load: {record.error}"
+    return _discovery.left_out_because(record.status)
 
 
 def _check_chained(pm: pluggy.PluginManager, name: str) -> None:

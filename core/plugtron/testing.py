@@ -1,10 +1,14 @@
 """pytest fixtures for authors of plugtron plugins.
 
 Installing plugtron makes this module a pytest plugin (entry point
-``pytest11: plugtron``), so the fixtures below are available in every test
-suite without a ``conftest.py``. pytest loads it for each run, so it imports
-only the standard library and pytest here; plugtron's manager is imported
-when a fixture is first used, and torch or megatron never.
+``pytest11: plugtron.testing``), so the fixtures below are available in every
+test suite without a ``conftest.py`` and without ``-p``. The entry point is
+named like the module, so the explicit forms name the same plugin and work
+too: ``pytest -p plugtron.testing``, ``pytest_plugins = ["plugtron.testing"]``
+in a conftest, and ``-p no:plugtron.testing`` to switch the fixtures off.
+pytest loads it for each run, so it imports only the standard library and
+pytest here; plugtron's manager is imported when a fixture is first used, and
+torch or megatron never.
 
 Fixtures:
 

@@ -139,7 +139,7 @@ def test_extra_plugin_module_from_the_command_line(fake_distribution):
     assert rows[fake.entry_point]["status"] == "disabled by PLUGTRON_DISABLE_PLUGINS"
 
 
-def test_human_output_renders_a_table(capsys, monkeypatch):
+def test_human_output_renders_one_block_per_plugin(capsys, monkeypatch):
     import plugtron.manager
 
     monkeypatch.setattr(plugtron.manager, "_DEFAULT", None)
@@ -147,6 +147,6 @@ def test_human_output_renders_a_table(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")
     assert main(["plugins"]) == 0
     out = capsys.readouterr().out
-    assert "plugtron plugins" in out
-    assert "plugtron-example-plugin" in out and "toy:local" in out
-    assert "not selected by PLUGTRON_PLUGINS" in out
+    assert out.startswith("plugtron plugins: 2 of ")
+    assert "example  plugtron-example-plugin 0.1.0  loaded\n  families: toy\n  layer specs for toy: local\n" in out
+    assert "gpt  plugtron-gpt 0.1.0  not selected by PLUGTRON_PLUGINS" in out

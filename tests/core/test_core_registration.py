@@ -104,13 +104,19 @@ def test_misspelled_hook_name_is_rejected_naming_plugin_and_name(plugtron_manage
     def plugtron_register_familes():
         return []
 
-    known = ", ".join(sorted(_SPEC_NAMES))
     with pytest.raises(PluginError, match=re.escape(
-        f"plugin 'typo' (dist-typo) defines 'plugtron_register_familes', which matches no plugtron hook; known hooks: {known}"
+        "plugin 'typo' (dist-typo) defines 'plugtron_register_familes', which matches no plugtron hook; "
+        "did you mean 'plugtron_register_families'?"
     )):
         plugtron_manager.register(plugin_namespace(plugtron_register_familes), name="typo", distribution="dist-typo")
     assert "typo" not in plugtron_manager.records
     assert not plugtron_manager.pm.has_plugin("typo")
+
+
+def test_hook_name_with_no_close_match_lists_the_known_hooks(plugtron_manager):
+    known = ", ".join(sorted(_SPEC_NAMES))
+    with pytest.raises(PluginError, match=re.escape(f"defines 'plugtron_zzz', which matches no plugtron hook; known hooks: {known}")):
+        plugtron_manager.register(plugin_namespace(plugtron_zzz=lambda: None), name="far-off")
 
 
 def test_misspelled_undecorated_hook_is_rejected_too(plugtron_manager):

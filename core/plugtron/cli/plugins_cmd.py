@@ -2,6 +2,8 @@
 
 Must answer in well under a second, so it reads only plugin records: no
 availability checks (they may import torch) unless ``--check`` asks for them.
+The human form is rendered by :mod:`plugtron.cli.plugins_render`; ``--json``
+carries the same data, complete, for scripts.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def collect(pm: Any, check: bool = False) -> dict[str, Any]:
                 "converters": [f"{c.source_format}:{c.architecture}->{c.family}" for c in mine(converters)],
             }
         )
-    return {"plugins": rows, "error": error}
+    return {"plugins": rows, "error": error, "warnings": list(getattr(pm, "warnings", []))}
 
 
 def _spec_entry(spec: Any, check: bool) -> Any:
@@ -55,28 +57,6 @@ def _spec_entry(spec: Any, check: bool) -> Any:
     return entry
 
 
-def _render(data: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="plugtron plugins")
-    for column in ("plugin", "distribution", "version", "status", "families", "layer specs", "hooks"):
-        table.add_column(column, overflow="fold")
-    for row in data["plugins"]:
-        specs = ", ".join(
-            f"{s['family']}:{s['name']}" + ("" if "available" not in s else (" ✓" if s["available"] else " ✗"))
-            for s in row["layer_specs"]
-        )
-        status = row["status"] + (f"\n{row['error']}" if row["error"] else "")
-        hooks = ", ".join(h.removeprefix("plugtron_") for h in row["hooks"])
-        table.add_row(row["name"], row["distribution"] or "-", row["version"] or "-", status,
-                      ", ".join(row["families"] + row["converters"]), specs, hooks)
-    console = Console()
-    console.print(table)
-    if data["error"]:
-        console.print(f"[red]error:[/red] {data['error']}")
-
-
 def run(args: argparse.Namespace) -> int:
     from plugtron.cli import manager_for
 
@@ -84,5 +64,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(data, indent=2))
     else:
-        _render(data)
+        from plugtron.cli.plugins_render import render
+
+        print(render(data))
     return 1 if data["error"] else 0

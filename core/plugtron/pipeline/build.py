@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import resource
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import attrs
 
-from plugtron.builder import BuildContext, BuildOptions, ModelBuilder
+from plugtron.builder import BuildContext, BuildOptions, ModelBuilder, WrapHook
 from plugtron.errors import PipelineError
 from plugtron.facade import run_chain
 from plugtron.pipeline import materialize, stages, tied, wrap
@@ -141,14 +141,29 @@ def build_model(
     parallel: "ParallelContext | None" = None,
     options: BuildOptions | None = None,
     pm: "PlugtronPluginManager | None" = None,
+    pre_wrap_hooks: Sequence[WrapHook] = (),
+    post_wrap_hooks: Sequence[WrapHook] = (),
 ) -> BuiltModel:
     """Build any family's model: finalize the config, find its builder, run the pipeline.
 
     ``parallel`` defaults to a context initialised from the config's TP/PP/VP.
+
+    ``pre_wrap_hooks`` / ``post_wrap_hooks`` are per-call hooks for this build
+    only, ``hook(chunks, config, context) -> list | None`` (a returned list
+    replaces the chunks). They are appended to the builder's per-call hooks
+    (:meth:`ModelBuilder.register_pre_wrap_hook`), so the order is guaranteed:
+    every plugin's ``plugtron_pre_wrap`` (pluggy order: tryfirst, newest,
+    trylast), then hooks the builder registered on itself, then these, in list
+    order. Pre-wrap hooks see the unwrapped chunks of step 2, before tied
+    embeddings are checked, before placement, precision and DDP/FSDP;
+    post-wrap hooks the wrapped chunks of step 8, and the same order holds.
     """
     from plugtron.manager import get_plugin_manager
     from plugtron.runtime.parallel import adapt_config, initialize_parallel
 
+    for label, hooks in (("pre_wrap_hooks", pre_wrap_hooks), ("post_wrap_hooks", post_wrap_hooks)):
+        if callable(hooks) or not all(callable(hook) for hook in hooks):
+            raise PipelineError(f"build_model({label}=...) takes a list of functions hook(chunks, config, context), got {hooks!r}")
     pm = pm or get_plugin_manager()
     family = pm.family(config.family)
     config.finalize()
@@ -162,6 +177,10 @@ def build_model(
     if adapt_config(config, parallel):
         config.finalize()
     builder = pm.hooks.create_builder(config, family)
+    for hook in pre_wrap_hooks:
+        builder.register_pre_wrap_hook(hook)
+    for hook in post_wrap_hooks:
+        builder.register_post_wrap_hook(hook)
     return build_with_builder(builder, parallel, pm, options)
 
 
