@@ -125,8 +125,11 @@ def plugtron_pre_wrap(model: "list[Any]", config: Any, context: "BuildContext") 
     rank, still unwrapped (and on the meta device for meta builds). Return a
     new list to replace it, or ``None`` to keep the (possibly mutated) list.
     Implementations are chained: each sees the result of the previous one.
-    Per-call hooks registered with ``builder.register_pre_wrap_hook`` run
-    after all plugin implementations.
+    Per-call hooks then run after all plugin implementations, in list order:
+    first those registered with ``builder.register_pre_wrap_hook``, then those
+    passed as ``build_model(config, pre_wrap_hooks=[...])``. Use a per-call
+    hook for what one build needs (a script, a test); a plugin for what every
+    build should get.
 
     Example (freeze the embeddings of every chunk that has them)::
 
@@ -153,7 +156,9 @@ def plugtron_post_wrap(model: "list[Any]", config: Any, context: "BuildContext")
 
     Same contract as :func:`plugtron_pre_wrap`, run as the last step of the
     pipeline; chunks are now wrapped (``DistributedDataParallel``,
-    ``Float16Module``, FSDP2 modules) as the build options asked.
+    ``Float16Module``, FSDP2 modules) as the build options asked. Per-call
+    hooks (``builder.register_post_wrap_hook``, then
+    ``build_model(config, post_wrap_hooks=[...])``) run after the plugins'.
 
     Example (log the wrapped types on the first rank)::
 
