@@ -265,3 +265,37 @@ def test_a_relaunch_never_imports_from_the_working_directory(work: Path) -> None
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["ok"] is True and report["layout"].startswith("tp=2")
     assert list(tmp.iterdir()) == []
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if text in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+    return pids
+
+
+@pytest.mark.multiprocess
+def test_sigterm_to_the_launcher_alone_ends_every_rank_and_writes_nothing(work: Path) -> None:
+    """``convert --tp 2`` killed while its ranks work: within seconds no rank is left, and the
+    destination never appears (before, the ranks outlived the launcher and wrote it)."""
+    import signal
+    import time
+
+    out = work / "out"
+    launcher = subprocess.Popen([PLUGTRON, "convert", work / "hf", out, "--to", "megatron", "--tp", "2", "--no-progress"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while len(_processes_mentioning(str(out))) < 3 and time.monotonic() < deadline:  # the launcher and two ranks
+        time.sleep(0.1)
+    assert len(_processes_mentioning(str(out))) >= 3, "the ranks never started"
+    launcher.send_signal(signal.SIGTERM)
+    assert launcher.wait(timeout=15) == 128 + signal.SIGTERM
+    time.sleep(1)
+    assert _processes_mentioning(str(out)) == []
+    time.sleep(3)  # a surviving rank would publish the output now
+    assert not out.exists() and leftovers(work) == []
