@@ -9,9 +9,19 @@ full tensors under their global names. The family's tensor-parallel layout
 comes from its builder (:meth:`plugtron.builder.ModelBuilder.tp_row_blocks`).
 
 A scenario is a dict: ``name``, ``ref`` (a key of the references), and any of
-``tp``, ``pp``, ``vp``, ``sp`` (sequence parallel), ``wrap``,
-``checkpoint_keys`` (also compare distributed-checkpoint keys) and
-``batch_p2p_comm`` (force megatron's setting, e.g. to show the gloo trap).
+``tp``, ``pp``, ``vp``, ``ep`` / ``etp`` (expert model / tensor parallel),
+``sp`` (sequence parallel; left unset, the config decides), ``wrap``,
+``checkpoint_keys`` (also compare distributed-checkpoint keys),
+``batch_p2p_comm`` (force megatron's setting, e.g. to show the gloo trap) and
+``setup``: an import path ``module:function`` (test code, never file data)
+called as ``function(config)`` in every rank before the build; it may change
+the config or patch code to reproduce a known-wrong construction and returns
+a function that undoes it (or ``None``).
+
+Mixture-of-Experts models are compared expert by expert under their global
+names (expert-parallel ranks hold different experts, split over the expert
+tensor-parallel group), and also on the step's auxiliary losses and the
+aux-loss-free expert bias after its update.
 """
 
 from __future__ import annotations
@@ -35,7 +45,7 @@ def reference(config: Any, *, micro_batches: int = 4, batch_size: int = 2, seq_l
     from plugtron.manager import PlugtronPluginManager
     from plugtron.pipeline import build_model
     from plugtron.runtime.parallel import initialize_parallel
-    from plugtron.training import forward_backward
+    from plugtron.training import train_step
 
     saved = to_dict(config)
     built = build_model(config, parallel=initialize_parallel(), pm=pm or PlugtronPluginManager())
@@ -43,10 +53,13 @@ def reference(config: Any, *, micro_batches: int = 4, batch_size: int = 2, seq_l
     batches = [builder.random_batch(batch_size, seq_length, seed=10 + i) for i in range(micro_batches)]
     with torch.no_grad():
         logits = [builder.forward_step(model, dict(batch, labels=None)).clone() for batch in batches]
-    loss = forward_backward(built, batches)
+    step = train_step(built, batches)
     state = {n: p.detach().clone() for n, p in model.named_parameters()}
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
-    return {"config": saved, "state": state, "grads": grads, "loss": loss, "batches": batches, "logits": logits}
+    return {
+        "config": saved, "state": state, "grads": grads, "loss": step.loss, "batches": batches, "logits": logits,
+        "aux_losses": step.aux_losses, "mtp_loss": step.mtp_loss, "expert_bias": _expert_biases(built.chunks, config),
+    }
 
 
 def run(references: dict[str, dict], scenarios: list[dict], workdir: Path, *, nproc: int = 2, timeout_s: float = 600) -> dict[str, dict]:
@@ -74,15 +87,40 @@ def _global_name(name: str, offset: int, config: Any) -> str:
     return TIED if config.share_embeddings_and_output_weights and name == "output_layer.weight" else name
 
 
-def _params(chunks: list, builder: Any, config: Any):
-    """(global name, parameter, row blocks) of every parameter on this rank."""
-    from plugtron.sharding import layer_offset, unwrap
+def _expert_layout(config: Any) -> tuple[int, int]:
+    """(expert-parallel rank, experts per rank) of this rank; (0, 0) without MoE."""
+    experts = getattr(config, "num_moe_experts", None)
+    if not experts:
+        return 0, 0
+    from megatron.core import parallel_state
 
+    ep = parallel_state.get_expert_model_parallel_world_size()
+    return parallel_state.get_expert_model_parallel_rank(), experts // ep
+
+
+def _named(chunks: list, config: Any, named: str):
+    """(global name, tensor) of every parameter or buffer (``named``) on this rank."""
+    from plugtron.sharding import expert_global_name, is_expert_name, layer_offset, unwrap
+
+    ep_rank, local = _expert_layout(config)
     for chunk in chunks:
         offset = layer_offset(chunk)
-        for name, param in unwrap(chunk).named_parameters():
+        for name, tensor in getattr(unwrap(chunk), named)():
             gname = _global_name(name, offset, config)
-            yield gname, param, builder.tp_row_blocks(gname, param)
+            if local and is_expert_name(gname):
+                gname = expert_global_name(gname, ep_rank, local)
+            yield gname, tensor
+
+
+def _params(chunks: list, builder: Any, config: Any):
+    """(global name, parameter, row blocks) of every parameter on this rank."""
+    for gname, param in _named(chunks, config, "named_parameters"):
+        yield gname, param, builder.tp_row_blocks(gname, param)
+
+
+def _expert_biases(chunks: list, config: Any) -> dict:
+    """The routers' aux-loss-free expert biases (buffers) under global names."""
+    return {n: b.detach().clone() for n, b in _named(chunks, config, "named_buffers") if n.endswith("router.expert_bias")}
 
 
 class _LoadReference:
@@ -95,16 +133,21 @@ class _LoadReference:
     def plugtron_pre_wrap(self, model: list, config: Any, context: Any) -> None:
         import torch
 
-        from plugtron.sharding import tp_slice
+        from plugtron.sharding import shard_group, tp_slice
 
-        tp, rank = context.parallel.tp, context.parallel.tp_rank
         for gname, param, blocks in _params(model, context.builder, config):
+            _, size, rank = shard_group(gname)
             with torch.no_grad():
-                param.copy_(tp_slice(self.state[gname], param, rank, tp, blocks=blocks))
+                param.copy_(tp_slice(self.state[gname], param, rank, size, blocks=blocks))
 
 
 def _collect_logits(built: Any, batches: list) -> list:
-    """Logits of every micro-batch through megatron's schedules (forward only; last stage only)."""
+    """Logits of every micro-batch through megatron's schedules (forward only, no grad; last stage only).
+
+    Without grad, MoE routers record nothing (token counts for the expert
+    bias, aux losses), as in the reference's logits pass.
+    """
+    import torch
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     builder, chunks = built.context.builder, built.chunks
@@ -114,11 +157,12 @@ def _collect_logits(built: Any, batches: list) -> list:
         return output, lambda out: (out.float().sum() * 0.0, {"logits": out.detach().clone()})
 
     iterators = [iter(batches) for _ in chunks]
-    results = get_forward_backward_func()(
-        forward_step_func=step, data_iterator=iterators if len(chunks) > 1 else iterators[0],
-        model=chunks if len(chunks) > 1 else chunks[0], num_microbatches=len(batches),
-        seq_length=batches[0]["tokens"].shape[1], micro_batch_size=batches[0]["tokens"].shape[0], forward_only=True,
-    )
+    with torch.no_grad():
+        results = get_forward_backward_func()(
+            forward_step_func=step, data_iterator=iterators if len(chunks) > 1 else iterators[0],
+            model=chunks if len(chunks) > 1 else chunks[0], num_microbatches=len(batches),
+            seq_length=batches[0]["tokens"].shape[1], micro_batch_size=batches[0]["tokens"].shape[0], forward_only=True,
+        )
     return [r["logits"] for r in results or []]
 
 
@@ -138,16 +182,14 @@ def _logits_diff(local: list, expected: list, tp: int) -> float | None:
 
 
 def _grad_diff(built: Any, config: Any, ref_grads: dict) -> tuple[float, str, int]:
-    from megatron.core import parallel_state
+    from plugtron.sharding import shard_group, tp_gather
 
-    from plugtron.sharding import tp_gather
-
-    group, tp = parallel_state.get_tensor_model_parallel_group(), built.context.parallel.tp
     worst, worst_name, checked = 0.0, "", 0
     for gname, param, blocks in _params(built.chunks, built.context.builder, config):
+        group, size, _ = shard_group(gname)
         grad = param.main_grad if hasattr(param, "main_grad") else param.grad  # DDP keeps it in main_grad
         grad = grad.full_tensor() if hasattr(grad, "full_tensor") else grad  # FSDP2 DTensor
-        diff = float((tp_gather(grad, param, group, tp, blocks=blocks).float() - ref_grads[gname]).abs().max())
+        diff = float((tp_gather(grad, param, group, size, blocks=blocks).float() - ref_grads[gname]).abs().max())
         checked += 1
         if diff > worst:
             worst, worst_name = diff, gname
@@ -166,7 +208,38 @@ def _checkpoint_keys(built: Any) -> set[str]:
     return keys
 
 
+def _dict_diff(mine: dict, expected: dict, *, same_keys: bool = False) -> float | None:
+    """Largest difference between the entries (tensors or floats) of ``mine`` and ``expected``.
+
+    ``None`` when both are empty; infinite when ``mine`` has a key ``expected``
+    lacks, or (``same_keys``) the other way round.
+    """
+    import torch
+
+    if not mine and not expected:
+        return None
+    if set(mine) - set(expected) or (same_keys and set(expected) - set(mine)):
+        return float("inf")
+    return max((float(torch.as_tensor(v).sub(torch.as_tensor(expected[k])).abs().max()) for k, v in mine.items()), default=0.0)
+
+
 def run_scenario(ref: dict, scenario: dict) -> dict:
+    from plugtron.config import from_dict
+    from plugtron.manager import PlugtronPluginManager
+    from plugtron.records import resolve
+
+    if "setup" not in scenario:
+        return _run_scenario(ref, scenario)
+    config = from_dict(ref["config"], PlugtronPluginManager())
+    undo = resolve(scenario["setup"])(config)  # test code the test names, never file data
+    try:
+        return _run_scenario(ref, scenario, config)
+    finally:
+        if undo is not None:
+            undo()
+
+
+def _run_scenario(ref: dict, scenario: dict, config: Any = None) -> dict:
     import torch.distributed as dist
 
     from plugtron.builder import BuildOptions
@@ -175,15 +248,21 @@ def run_scenario(ref: dict, scenario: dict) -> dict:
     from plugtron.pipeline import build_model
     from plugtron.runtime.parallel import initialize_parallel, live_process_groups
     from plugtron.sharding import unwrap
-    from plugtron.training import forward_backward
+    from plugtron.training import train_step
 
     pm = PlugtronPluginManager()
-    config = from_dict(ref["config"], pm)
+    config = config if config is not None else from_dict(ref["config"], pm)
     tp, pp, vp = scenario.get("tp", 1), scenario.get("pp", 1), scenario.get("vp")
+    ep, etp = scenario.get("ep", 1), scenario.get("etp")
     config.tensor_model_parallel_size, config.pipeline_model_parallel_size = tp, pp
     config.virtual_pipeline_model_parallel_size = vp
-    config.sequence_parallel = bool(scenario.get("sp"))
-    parallel = initialize_parallel(tp, pp, vp, timeout_s=120)
+    if "sp" in scenario:
+        config.sequence_parallel = bool(scenario["sp"])
+    if "ep" in scenario:
+        config.expert_model_parallel_size = ep
+    if etp is not None:
+        config.expert_tensor_parallel_size = etp
+    parallel = initialize_parallel(tp, pp, vp, ep=ep, etp=etp, timeout_s=120)
     groups = len(live_process_groups())
     pm.register(_LoadReference(ref["state"]), name="load-reference")
     options = BuildOptions(wrap=scenario.get("wrap", "none"), print_report=False)
@@ -191,11 +270,13 @@ def run_scenario(ref: dict, scenario: dict) -> dict:
     if "batch_p2p_comm" in scenario:
         unwrap(built.chunks[0]).config.batch_p2p_comm = scenario["batch_p2p_comm"]
     logits = _logits_diff(_collect_logits(built, ref["batches"]), ref["logits"], tp) if parallel.dp == 1 else None
-    loss = forward_backward(built, ref["batches"][parallel.dp_rank :: parallel.dp])
+    step = train_step(built, ref["batches"][parallel.dp_rank :: parallel.dp])
+    loss = step.loss
     worst, worst_name, checked = _grad_diff(built, config, ref["grads"])
     keys = _checkpoint_keys(built) if scenario.get("checkpoint_keys") else set()
+    bias = _dict_diff(_expert_biases(built.chunks, config), ref.get("expert_bias", {}))
     gathered: list = [None] * parallel.world_size
-    dist.all_gather_object(gathered, (loss, logits, worst, worst_name, checked, keys))
+    dist.all_gather_object(gathered, (loss, logits, worst, worst_name, checked, keys, bias))
     losses = [g[0] for g in gathered if g[0] is not None]
     logit_diffs = [g[1] for g in gathered if g[1] is not None]
     return {
@@ -208,6 +289,10 @@ def run_scenario(ref: dict, scenario: dict) -> dict:
         "params_checked": sum(g[4] for g in gathered),
         "checkpoint_keys_match": set().union(*(g[5] for g in gathered)) == set(ref["state"]),
         "process_groups": groups,  # rank 0's, right after initialising this layout
+        "max_aux_loss_diff": _dict_diff(step.aux_losses, ref.get("aux_losses", {}), same_keys=True),
+        "aux_losses": step.aux_losses,
+        "mtp_loss_diff": None if step.mtp_loss is None or ref.get("mtp_loss") is None else abs(step.mtp_loss - ref["mtp_loss"]),
+        "max_expert_bias_diff": max((g[6] for g in gathered if g[6] is not None), default=None),
     }
 
 

@@ -4,6 +4,13 @@ One place for the rules every family and converter needs: which global layer
 a chunk's local layer is, and which slice of a full tensor a tensor-parallel
 rank holds (plain split along ``partition_dim``; tensors made of blocks, like
 gated-linear-unit weights ``[gate; up]``, keep chunk r of every block).
+
+Routed experts of megatron's MoE layers follow the *expert* layout: an
+expert-parallel rank holds experts ``[rank x local, (rank + 1) x local)``
+under local indices (``local_experts.{i}`` in SequentialMLP, ``weight{i}`` in
+the grouped MLPs), and each expert is split over the expert-tensor-parallel
+group, not the tensor-parallel one (:func:`expert_global_name`,
+:func:`shard_group`).
 """
 
 from __future__ import annotations
@@ -15,6 +22,8 @@ if TYPE_CHECKING:
     import torch
 
 _LAYER = re.compile(r"(^|\.)layers\.(\d+)\.")
+_LOCAL_EXPERT = re.compile(r"(\.experts\.local_experts\.)(\d+)\.")
+_GROUPED_EXPERT = re.compile(r"(\.experts\.linear_fc[12]\.(?:weight|bias))(\d+)$")
 
 
 def layer_offset(chunk: Any) -> int:
@@ -36,7 +45,13 @@ def unwrap(chunk: Any) -> Any:
 
 
 def to_global_name(local_name: str, offset: int) -> str:
-    """``decoder.layers.0.x`` of a chunk whose offset is 4 -> ``decoder.layers.4.x``."""
+    """``decoder.layers.0.x`` of a chunk whose offset is 4 -> ``decoder.layers.4.x``.
+
+    Multi-token-prediction layers (``mtp.layers.N``) are numbered on their own
+    and all live on the last stage: they keep their names.
+    """
+    if local_name.startswith("mtp.") or ".mtp." in local_name:
+        return local_name
     return _LAYER.sub(lambda m: f"{m.group(1)}layers.{int(m.group(2)) + offset}.", local_name, count=1)
 
 
@@ -123,3 +138,33 @@ def tp_gather(
     dist.all_gather(parts, local.contiguous(), group=group)
     row_blocks = _row_blocks(local.shape[dim] * size, glu, blocks)
     return torch.cat(parts, dim=dim) if row_blocks is None else join_blocks(parts, row_blocks, dim)
+
+
+# -- routed experts -------------------------------------------------------------------------
+def is_expert_name(name: str) -> bool:
+    """Whether ``name`` is a routed expert's tensor (shared experts and routers are not)."""
+    return ".mlp.experts." in name or name.startswith("mlp.experts.")
+
+
+def expert_global_name(local_name: str, ep_rank: int, num_local_experts: int) -> str:
+    """``...experts.local_experts.1.x`` on expert-parallel rank 2 with 4 local experts -> ``...local_experts.9.x``."""
+    offset = ep_rank * num_local_experts
+    name = _LOCAL_EXPERT.sub(lambda m: f"{m.group(1)}{int(m.group(2)) + offset}.", local_name, count=1)
+    return _GROUPED_EXPERT.sub(lambda m: f"{m.group(1)}{int(m.group(2)) + offset}", name, count=1)
+
+
+def shard_group(name: str) -> tuple[Any, int, int]:
+    """(group, size, rank) that splits the tensor ``name``: expert-tensor-parallel for routed experts, else TP."""
+    from megatron.core import parallel_state
+
+    if is_expert_name(name):
+        return (
+            parallel_state.get_expert_tensor_parallel_group(),
+            parallel_state.get_expert_tensor_parallel_world_size(),
+            parallel_state.get_expert_tensor_parallel_rank(),
+        )
+    return (
+        parallel_state.get_tensor_model_parallel_group(),
+        parallel_state.get_tensor_model_parallel_world_size(),
+        parallel_state.get_tensor_model_parallel_rank(),
+    )

@@ -68,8 +68,6 @@ REJECTED = [
     ({"num_query_groups": 3}, "num_query_groups", "multiple of num_query_groups=3"),
     ({"normalization": "BatchNorm"}, "normalization", "LayerNorm, RMSNorm"),
     ({"activation_func": "silu"}, "activation_func", "must be a callable"),
-    ({"num_moe_experts": 4}, "num_moe_experts", "MoE is not supported"),
-    ({"multi_latent_attention": True}, "multi_latent_attention", "MLATransformerConfig"),
     ({"position_embedding_type": "alibi"}, "position_embedding_type", "learned_absolute, rope, yarn, mrope, none"),
     ({"rotary_percent": 0.0}, "rotary_percent", "(0, 1]"),
     ({"rotary_percent": 1.5}, "rotary_percent", "(0, 1]"),

@@ -19,7 +19,12 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("--tp", type=positive_int, default=None, help="tensor-parallel size (default: the config's)")
     parser.add_argument("--pp", type=positive_int, default=None, help="pipeline-parallel size")
     parser.add_argument("--vp", type=positive_int, default=None, help="virtual pipeline stages per pipeline rank")
-    parser.add_argument("--dp", type=positive_int, default=1, help="data-parallel size")
+    parser.add_argument("--ep", type=positive_int, default=None, help="expert model-parallel size (MoE; default: the config's)")
+    parser.add_argument("--etp", type=positive_int, default=None, help="expert tensor-parallel size (MoE; default: the config's, else --tp)")
+    parser.add_argument(
+        "--dp", type=positive_int, default=None,
+        help="data-parallel size (default: 1, or what expert parallelism needs: experts reuse data-parallel ranks)",
+    )
     parser.add_argument("--meta", action="store_true", help="construct on the meta device, then materialise")
     parser.add_argument("--wrap", default="none", choices=("none", "ddp", "fsdp2", "megatron_fsdp"))
     parser.add_argument("--step", action="store_true", help="run one forward/backward step on random tokens")
@@ -35,11 +40,24 @@ def _apply_layout(config: Any, args: argparse.Namespace) -> None:
         config.pipeline_model_parallel_size = args.pp
     if args.vp is not None:
         config.virtual_pipeline_model_parallel_size = args.vp
+    if args.ep is not None:
+        config.expert_model_parallel_size = args.ep
+    if args.etp is not None:
+        config.expert_tensor_parallel_size = args.etp
+
+
+def _expert_layout(config: Any) -> tuple[int, int | None]:
+    """(ep, etp) of a MoE config; (1, None) for a dense one."""
+    if not getattr(config, "num_moe_experts", None):
+        return 1, None
+    return config.expert_model_parallel_size or 1, config.expert_tensor_parallel_size
 
 
 def run(args: argparse.Namespace) -> int:
     # megatron-core warns at import about optional GPU packages; the report says what was chosen.
     warnings.filterwarnings("ignore", module=r"megatron\.")
+    # megatron calls all_gather_into_tensor / reduce_scatter_tensor, which torch 2.13 deprecates (renamed)
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     from plugtron.cli import manager_for
     from plugtron.config import load
 
@@ -47,10 +65,27 @@ def run(args: argparse.Namespace) -> int:
     config = load(args.config, pm)
     _apply_layout(config, args)
     config.finalize()  # fail here, before any process is started
-    world = config.tensor_model_parallel_size * config.pipeline_model_parallel_size * args.dp
+    world = _world_size(config, args)
     if world > 1 and not under_launcher():
         return relaunch(world, sys.argv[1:])
     return _build_on_this_rank(config, args, pm)
+
+
+def _world_size(config: Any, args: argparse.Namespace) -> int:
+    """Ranks to start: tp x pp x dp, with dp by default as small as the expert layout allows (megatron's sizing)."""
+    from plugtron.errors import ConfigError
+    from plugtron.runtime.parallel import world_size_for
+
+    tp, pp = config.tensor_model_parallel_size, config.pipeline_model_parallel_size
+    ep, etp = _expert_layout(config)
+    world = world_size_for(tp, pp, ep=ep, etp=etp, dp=args.dp)
+    if world % ((etp or tp) * ep * pp):
+        raise ConfigError(
+            "expert_model_parallel_size",
+            f"--dp {args.dp} gives {world} ranks, not divisible by expert_tensor_parallel x expert_model_parallel x pp "
+            f"= {(etp or tp) * ep * pp}; leave --dp out to use the smallest layout that fits",
+        )
+    return world
 
 
 def _build_on_this_rank(config: Any, args: argparse.Namespace, pm: Any) -> int:
@@ -58,27 +93,29 @@ def _build_on_this_rank(config: Any, args: argparse.Namespace, pm: Any) -> int:
     from plugtron.pipeline import build_model
     from plugtron.runtime.parallel import initialize_parallel
 
+    ep, etp = _expert_layout(config)
     parallel = initialize_parallel(
         config.tensor_model_parallel_size, config.pipeline_model_parallel_size,
-        config.virtual_pipeline_model_parallel_size, timeout_s=FAILURE_TIMEOUT_S,
+        config.virtual_pipeline_model_parallel_size, ep=ep, etp=etp, timeout_s=FAILURE_TIMEOUT_S,
     )
     built = build_model(config, parallel=parallel, options=BuildOptions(meta_device=args.meta, wrap=args.wrap, print_report=False), pm=pm)
-    loss = _step(built, config, args) if args.step else None
-    _report(built, parallel, pm, loss)
+    step = _step(built, config, args) if args.step else None
+    _report(built, parallel, pm, step)
     return 0
 
 
-def _step(built: Any, config: Any, args: argparse.Namespace) -> float | None:
-    from plugtron.training import forward_backward, random_batches
+def _step(built: Any, config: Any, args: argparse.Namespace) -> Any:
+    from plugtron.training import random_batches, train_step
 
     seq = args.seq_length or min(config.seq_length, 64)
     batches = random_batches(built, max(1, config.pipeline_model_parallel_size), args.batch_size, seq)
-    return forward_backward(built, batches)
+    return train_step(built, batches)
 
 
-def _report(built: Any, parallel: Any, pm: Any, loss: float | None) -> None:
+def _report(built: Any, parallel: Any, pm: Any, step: Any) -> None:
     import torch.distributed as dist
 
+    loss = None if step is None else step.loss
     gathered: list[Any] = [None] * parallel.world_size
     dist.all_gather_object(gathered, (built.report.peak_rss_mb, loss))
     if parallel.rank != 0:
@@ -89,14 +126,19 @@ def _report(built: Any, parallel: Any, pm: Any, loss: float | None) -> None:
     lines = [
         ("family", f"{report.family} ({family.distribution or 'in-process'})"),
         ("layer spec", f"{report.layer_spec} — {report.spec_reason}"),
-        ("layout", f"tp={parallel.tp} pp={parallel.pp} vp={parallel.vp or '-'} dp={parallel.dp} "
-                   f"({parallel.world_size} ranks, {parallel.backend}, {built.context.device})"),
+        ("layout", f"tp={parallel.tp} pp={parallel.pp} vp={parallel.vp or '-'} dp={parallel.dp}"
+                   + (f" ep={parallel.ep} etp={parallel.etp}" if getattr(built.context.builder.config, "num_moe_experts", None) else "")
+                   + f" ({parallel.world_size} ranks, {parallel.backend}, {built.context.device})"),
         *[(f"params tp={tp} pp={pp}", f"{count:,}") for (tp, pp), count in sorted(report.params_per_rank.items())],
         ("build time", f"{report.build_seconds:.2f} s"),
         ("peak memory", f"{max(p for p, _ in gathered):.0f} MB (max over ranks)"),
     ]
     if losses:
         lines.append(("loss", f"{losses[0]:.4f}"))
+    for name, value in (step.aux_losses.items() if step is not None else ()):
+        lines.append((name, f"{value:.4f}"))
+    if step is not None and step.mtp_loss is not None:
+        lines.append(("mtp loss", f"{step.mtp_loss:.4f}"))
     width = max(len(k) for k, _ in lines)
     for key, value in lines:
         print(f"{key:<{width}}  {value}", flush=True)

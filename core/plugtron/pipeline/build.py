@@ -168,10 +168,13 @@ def build_model(
     family = pm.family(config.family)
     config.finalize()
     if parallel is None:
+        moe = bool(getattr(config, "num_moe_experts", None))
         parallel = initialize_parallel(
             config.tensor_model_parallel_size,
             config.pipeline_model_parallel_size,
             config.virtual_pipeline_model_parallel_size,
+            ep=(getattr(config, "expert_model_parallel_size", 1) or 1) if moe else 1,
+            etp=getattr(config, "expert_tensor_parallel_size", None) if moe else None,
         )
     _check_layout(config, parallel)
     if adapt_config(config, parallel):

@@ -45,8 +45,13 @@ def tied_copy(chunks: list) -> "tuple[str, torch.nn.Parameter] | None":
     """This rank's copy of the tied embedding as (local name, parameter), if it holds one.
 
     The first stage holds it in its first chunk, the last stage in its last
-    chunk (megatron's own rule in ``finalize_model_grads``).
+    chunk (megatron's own rule in ``finalize_model_grads``). Untied models with
+    multi-token prediction hold the word embedding twice in the same way.
     """
+    return _shared_output_copy(chunks) or _mtp_embedding_copy(chunks)
+
+
+def _shared_output_copy(chunks: list) -> "tuple[str, torch.nn.Parameter] | None":
     from plugtron.sharding import unwrap
 
     first, last = unwrap(chunks[0]), unwrap(chunks[-1])
@@ -58,6 +63,25 @@ def tied_copy(chunks: list) -> "tuple[str, torch.nn.Parameter] | None":
         return None
     name = next((n for n, p in holder.named_parameters() if p is weight), "shared_embedding_or_output_weight")
     return name, weight
+
+
+def _mtp_embedding_copy(chunks: list) -> "tuple[str, Any] | None":
+    """The word embedding a multi-token-prediction block reuses, on the first and on the last stage.
+
+    Untied models with MTP hold the embedding twice under pipeline parallelism
+    (the last stage embeds the shifted tokens for MTP); megatron sums the two
+    grads like a tied embedding's (``finalize_model_grads``), so plain chunks do too.
+    Both stages hold a copy exactly when ``mtp_num_layers`` is set, so they agree on entering.
+    """
+    from plugtron.sharding import unwrap
+
+    first, last = unwrap(chunks[0]), unwrap(chunks[-1])
+    if not getattr(first.config, "mtp_num_layers", None):
+        return None
+    holder = first if getattr(first, "pre_process", False) else last
+    if not (getattr(holder, "pre_process", False) or getattr(holder, "mtp_process", False)):
+        return None
+    return "embedding.word_embeddings.weight", holder.embedding.word_embeddings.weight
 
 
 def _in_embedding_group() -> bool:

@@ -8,6 +8,36 @@ tracker. :func:`enable` answers all of them with the CPU, process-wide, while
 leaving every real GPU run untouched (:func:`enable_if_needed` does nothing when
 CUDA is present). Measured cost of the device-mapping mode: under 10% of a
 forward/backward step on a small model.
+
+Mixture-of-Experts and Multi-Latent Attention need a few more answers (the
+project notes have the measurements); :func:`enable` installs each, and
+:func:`disable` removes each:
+
+* ``te_general_gemm``: megatron's router GEMM names it even when
+  transformer-engine is absent (``moe_utils.py``: NameError in the allgather
+  dispatcher); defined as ``None``, the plain matmul path runs.
+* CUDA streams and events: the alltoall dispatcher and the overlapped shared
+  expert create ``torch.cuda.Stream``/``Event`` and enter
+  ``torch.cuda.stream(...)``; on the CPU everything runs in order, so
+  :class:`CpuStream` and :class:`CpuEvent` do nothing, correctly.
+* Split sizes: ``maybe_move_tensor_to_cpu(..., as_numpy=True)`` converts only
+  CUDA tensors, so at EP > 1 ``all_to_all_single`` received torch tensors as
+  split sizes (TypeError); CPU tensors are converted too.
+* Uneven ``all_gather``: gloo cannot gather a list of tensors of different
+  sizes (megatron does, with the alltoall dispatcher at ETP > 1 and EP > 1);
+  :func:`_gather_along_first_dim` pads to the largest split, gathers with
+  ``all_gather_into_tensor`` and trims (exact).
+* ``HAVE_TE`` of MLA: importing megatron's transformer-engine extension
+  succeeds without transformer-engine (it substitutes mocks), so MLA believed
+  TE was there and ``isinstance(x, TELinear)`` raised TypeError; the flag is
+  set from whether transformer-engine really imports
+  (:func:`correct_transformer_engine_flags`, also used without this runtime).
+* The expert-bias counter is a ``torch.compile``d one-liner: 4.2 s of
+  compilation per process on this machine for a ``+=``; it runs eagerly here.
+
+:class:`TorchNorm` is not a shim but a module layer specs use on any device: a
+torch LayerNorm/RMSNorm that supports sequence parallelism as
+transformer-engine's norms do (megatron's own torch norm refuses it).
 """
 
 from __future__ import annotations
@@ -109,6 +139,193 @@ def _install_rng_tracker() -> None:
     mp_random.initialize_rng_tracker = lambda *a, **k: tracker.reset() if k.get("force_reset") else None
 
 
+# -- streams and events -----------------------------------------------------------------
+class CpuEvent:
+    """A CUDA event stand-in: the CPU runs in order, so every event has happened."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def record(self, stream: Any = None) -> None:
+        pass
+
+    def wait(self, stream: Any = None) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def synchronize(self) -> None:
+        pass
+
+
+class CpuStream:
+    """A CUDA stream stand-in: work on the CPU is already ordered."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def wait_stream(self, stream: Any) -> None:
+        pass
+
+    def wait_event(self, event: Any) -> None:
+        pass
+
+    def record_event(self, event: Any = None) -> CpuEvent:
+        return event if event is not None else CpuEvent()
+
+    def query(self) -> bool:
+        return True
+
+    def synchronize(self) -> None:
+        pass
+
+
+_CURRENT_STREAM = CpuStream()
+
+
+@contextlib.contextmanager
+def _cpu_stream_context(stream: Any = None) -> Iterator[Any]:
+    yield stream
+
+
+_CUDA_STREAM_NAMES = {
+    "Stream": CpuStream,
+    "Event": CpuEvent,
+    "current_stream": lambda *a, **k: _CURRENT_STREAM,
+    "default_stream": lambda *a, **k: _CURRENT_STREAM,
+    "stream": _cpu_stream_context,
+}
+
+
+# -- MoE and MLA -------------------------------------------------------------------------
+def maybe_move_tensor_to_cpu(tensor: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:
+    """megatron's helper, but CPU tensors become numpy arrays too when asked (split sizes)."""
+    if torch.is_tensor(tensor):
+        tensor = tensor.to("cpu")
+        if as_numpy:
+            return tensor.numpy()
+    return tensor
+
+
+def _gather_along_first_dim(input_: torch.Tensor, group: Any, output_split_sizes: Any = None, use_global_buffer: bool = False) -> torch.Tensor:
+    """megatron's gather along dim 0; uneven splits padded, gathered into one tensor, trimmed (gloo)."""
+    import torch.distributed as dist
+
+    original = _state["mappings_gather"]
+    if output_split_sizes is None or group is None or group.size() == 1:
+        return original(input_, group, output_split_sizes, use_global_buffer)
+    sizes = [int(s) for s in output_split_sizes]
+    if len(set(sizes)) == 1:
+        return original(input_, group, None, use_global_buffer)
+    longest = max(sizes)
+    padded = input_.new_zeros((longest, *input_.shape[1:]))
+    padded[: input_.shape[0]] = input_
+    gathered = input_.new_empty((longest * group.size(), *input_.shape[1:]))
+    gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # torch 2.13 renamed it
+    gather_into(gathered, padded.contiguous(), group=group)
+    return torch.cat([gathered[r * longest : r * longest + size] for r, size in enumerate(sizes)], dim=0)
+
+
+def transformer_engine_importable() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:  # an installed but broken TE (no CUDA libraries) is absent too
+        return False
+    return True
+
+
+def correct_transformer_engine_flags() -> None:
+    """Make MLA's ``HAVE_TE`` say whether transformer-engine really imports (idempotent).
+
+    megatron's TE extension module imports without transformer-engine, so
+    MLA's own probe succeeds and later ``isinstance`` checks against mock
+    classes fail. Harmless where transformer-engine is installed (left as is).
+    """
+    if transformer_engine_importable():
+        return
+    from megatron.core.transformer import multi_latent_attention
+
+    multi_latent_attention.HAVE_TE = False
+
+
+def _unwrap_compiled(function: Any) -> Any:
+    return getattr(function, "_torchdynamo_orig_callable", None) or getattr(function, "__wrapped__", None) or function
+
+
+def _install_moe_shims() -> None:
+    from megatron.core.tensor_parallel import mappings
+    from megatron.core.transformer.moe import moe_utils, router, token_dispatcher
+
+    saved: dict[str, Any] = {}
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+        saved["te_general_gemm"] = True
+    for name, replacement in _CUDA_STREAM_NAMES.items():
+        saved[f"cuda.{name}"] = getattr(torch.cuda, name)
+        setattr(torch.cuda, name, replacement)
+    saved["moe_utils.move"], saved["dispatcher.move"] = moe_utils.maybe_move_tensor_to_cpu, token_dispatcher.maybe_move_tensor_to_cpu
+    moe_utils.maybe_move_tensor_to_cpu = token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+    _state["mappings_gather"] = mappings._gather_along_first_dim
+    mappings._gather_along_first_dim = _gather_along_first_dim
+    saved["expert_bias"] = router.TopKRouter.__dict__["_apply_expert_bias"]
+    router.TopKRouter._apply_expert_bias = _unwrap_compiled(saved["expert_bias"])
+    if not transformer_engine_importable():
+        from megatron.core.transformer import multi_latent_attention
+
+        saved["mla_have_te"] = multi_latent_attention.HAVE_TE
+        multi_latent_attention.HAVE_TE = False
+    _state["moe"] = saved
+
+
+def _remove_moe_shims() -> None:
+    from megatron.core.tensor_parallel import mappings
+    from megatron.core.transformer.moe import moe_utils, router, token_dispatcher
+
+    saved = _state.pop("moe", {})
+    if saved.pop("te_general_gemm", False):
+        del moe_utils.te_general_gemm
+    for name in _CUDA_STREAM_NAMES:
+        setattr(torch.cuda, name, saved[f"cuda.{name}"])
+    moe_utils.maybe_move_tensor_to_cpu = saved["moe_utils.move"]
+    token_dispatcher.maybe_move_tensor_to_cpu = saved["dispatcher.move"]
+    mappings._gather_along_first_dim = _state.pop("mappings_gather")
+    router.TopKRouter._apply_expert_bias = saved["expert_bias"]
+    if "mla_have_te" in saved:
+        from megatron.core.transformer import multi_latent_attention
+
+        multi_latent_attention.HAVE_TE = saved["mla_have_te"]
+
+
+# -- a norm with sequence parallelism ------------------------------------------------------
+class TorchNorm:
+    """torch ``LayerNorm``/``RMSNorm`` (per ``config.normalization``) that allows sequence parallelism.
+
+    Under sequence parallelism each tensor-parallel rank normalises only its
+    slice of the sequence, so the norm's weight and bias receive partial
+    gradients. Like transformer-engine's norms, the parameters are marked
+    ``sequence_parallel``: megatron's ``finalize_model_grads`` (DDP) and
+    :mod:`plugtron.training` (plain chunks) then sum them over the TP group.
+    Used for the layers, the final norm and the q/k/kv norms of MoE and MLA
+    models (heads are split over TP there, which needs the same sum). The
+    module returned is the plain torch class, so state dicts are unchanged.
+    """
+
+    def __new__(cls, config: Any, hidden_size: int, eps: float = 1e-5, **_: Any) -> torch.nn.Module:  # type: ignore[misc]
+        if getattr(config, "layernorm_zero_centered_gamma", False):
+            raise ValueError("the torch norm does not implement layernorm_zero_centered_gamma")
+        normalization = getattr(config, "normalization", "LayerNorm")
+        if normalization == "LayerNorm":
+            norm: torch.nn.Module = torch.nn.LayerNorm(hidden_size, eps=eps, dtype=config.params_dtype)
+        elif normalization == "RMSNorm":
+            norm = torch.nn.RMSNorm(hidden_size, eps=eps, dtype=config.params_dtype)
+        else:
+            raise ValueError(f"the torch norm supports LayerNorm and RMSNorm, not {normalization!r}")
+        for param in norm.parameters():
+            param.sequence_parallel = bool(config.sequence_parallel)
+        return norm
+
+
 def is_enabled() -> bool:
     return bool(_state)
 
@@ -126,6 +343,7 @@ def enable() -> None:
         mode.__enter__()
         _state["mode"] = mode
         _install_rng_tracker()
+        _install_moe_shims()
 
 
 def disable() -> None:
@@ -135,6 +353,7 @@ def disable() -> None:
             return
         from megatron.core.tensor_parallel import random as mp_random
 
+        _remove_moe_shims()
         _state["mode"].__exit__(None, None, None)
         torch.cuda.current_device = _state["current_device"]
         torch.cuda.synchronize = _state["synchronize"]

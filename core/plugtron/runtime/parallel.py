@@ -4,6 +4,12 @@ Works under torchrun (reads RANK/WORLD_SIZE/MASTER_ADDR) and in a plain single
 process (creates a one-rank gloo group on a free loopback port). Chooses NCCL
 when CUDA is present and gloo otherwise, and switches the CPU runtime on when
 there is no CUDA.
+
+Expert layouts are megatron's: the world is ``tp x cp x dp x pp`` for dense
+layers and, with the same ranks, ``etp x ep x edp x pp`` for routed experts
+(expert parallelism takes its ranks from data and tensor parallelism), so the
+world size must be a multiple of both ``tp x cp x pp`` and ``etp x ep x pp``
+(:func:`world_size_for` gives the smallest).
 """
 
 from __future__ import annotations
@@ -31,6 +37,14 @@ class ParallelContext:
     backend: str
     device: str
     pg_collection: Any = attrs.field(repr=False)
+    #: Expert model-parallel and expert tensor-parallel sizes (megatron's EP and ETP).
+    ep: int = 1
+    etp: int = 1
+
+    @property
+    def edp(self) -> int:
+        """Expert data-parallel size: ranks holding the same expert shard."""
+        return self.world_size // (self.etp * self.ep * self.pp)
 
     @property
     def tp_rank(self) -> int:
@@ -88,7 +102,17 @@ def live_process_groups() -> set:
     return set(getattr(world, "pg_map", None) or ())
 
 
-def _initialize_groups(tp: int, pp: int, vp: int | None, cp: int, timeout_s: float) -> None:
+def world_size_for(tp: int = 1, pp: int = 1, *, cp: int = 1, ep: int = 1, etp: int | None = None, dp: int | None = None) -> int:
+    """The world size of a layout: ``tp x cp x dp x pp`` with ``dp`` given, else the smallest that fits the experts too."""
+    import math
+
+    etp = etp or tp
+    if dp is not None:
+        return tp * cp * dp * pp
+    return pp * math.lcm(tp * cp, etp * ep)
+
+
+def _initialize_groups(tp: int, pp: int, vp: int | None, cp: int, timeout_s: float, ep: int = 1, etp: int | None = None) -> None:
     """megatron's groups for this layout, reused when the layout is unchanged.
 
     ``destroy_model_parallel`` forgets megatron's groups without destroying
@@ -99,7 +123,7 @@ def _initialize_groups(tp: int, pp: int, vp: int | None, cp: int, timeout_s: flo
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    layout = (tp, pp, vp, cp)
+    layout = (tp, pp, vp, cp, ep, etp)
     if parallel_state.model_parallel_is_initialized():
         if _current_layout.get("layout") == layout:
             return
@@ -113,6 +137,8 @@ def _initialize_groups(tp: int, pp: int, vp: int | None, cp: int, timeout_s: flo
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vp,
         context_parallel_size=cp,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
         distributed_timeout_minutes=max(1, int(timeout_s // 60)),
     )
     _current_layout.update(layout=layout, groups=live_process_groups() - before)
@@ -124,13 +150,17 @@ def initialize_parallel(
     vp: int | None = None,
     *,
     cp: int = 1,
+    ep: int = 1,
+    etp: int | None = None,
     backend: str | None = None,
     seed: int = 1234,
     timeout_s: float = 300.0,
 ) -> ParallelContext:
     """Initialise (or re-initialise) model parallelism and return its context.
 
-    A short ``timeout_s`` bounds how long a rank waits for a failed peer.
+    ``ep`` / ``etp``: expert model- and tensor-parallel sizes (``etp``
+    defaults to ``tp``, as in megatron). A short ``timeout_s`` bounds how long
+    a rank waits for a failed peer.
     """
     import torch
     import torch.distributed as dist
@@ -148,9 +178,15 @@ def initialize_parallel(
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     _init_process_group(backend, datetime.timedelta(seconds=timeout_s))
     world = dist.get_world_size()
+    etp = etp or tp
     if world % (tp * pp * cp):
         raise PipelineError(f"world size {world} is not divisible by tp={tp} x pp={pp} x cp={cp}")
-    _initialize_groups(tp, pp, vp, cp, timeout_s)
+    if world % (etp * ep * pp):
+        raise PipelineError(
+            f"world size {world} is not divisible by expert_tensor_parallel={etp} x expert_model_parallel={ep} x pp={pp} "
+            f"(experts reuse the data- and tensor-parallel ranks; {world_size_for(tp, pp, cp=cp, ep=ep, etp=etp)} ranks would fit)"
+        )
+    _initialize_groups(tp, pp, vp, cp, timeout_s, ep, etp)
     cpu.seed_everything(seed)
     return ParallelContext(
         tp=tp,
@@ -162,6 +198,8 @@ def initialize_parallel(
         backend=backend,
         device="cuda" if cuda else "cpu",
         pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
+        ep=ep,
+        etp=etp,
     )
 
 
@@ -184,6 +222,13 @@ def adapt_config(config: Any, parallel: ParallelContext) -> list[str]:
     activations and gradients between the two peers (measured: losses off by
     ~3e-3); separate sends are exact, so gloo + VP always uses them.
     """
+    experts = getattr(config, "num_moe_experts", None)
+    wanted = (config.expert_model_parallel_size or 1, config.expert_tensor_parallel_size or config.tensor_model_parallel_size)
+    if experts and wanted != (parallel.ep, parallel.etp):
+        raise PipelineError(
+            f"config asks for expert parallelism (ep, etp) = {wanted} but the parallel context is "
+            f"{(parallel.ep, parallel.etp)}: pass ep= and etp= to initialize_parallel"
+        )
     changed = []
     if parallel.backend == "gloo" and parallel.vp and config.batch_p2p_comm:
         config.batch_p2p_comm = False

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
 
 from plugtron.builder import LanguageModelBuilder
 from plugtron_gpt.config import YARN_FIELDS
-from plugtron_gpt.specs import uses_transformer_engine
+from plugtron_gpt.specs import stage_block_spec, uses_transformer_engine
 
 
 class GPTModelBuilder(LanguageModelBuilder):
@@ -19,7 +20,7 @@ class GPTModelBuilder(LanguageModelBuilder):
         the config *has* ``yarn_rotary_scaling_factor``.
         """
         tc = self.config.transformer
-        if self.config.position_embedding_type == "yarn":
+        if self.config.position_embedding_type == "yarn" and not self.config.is_mla():
             for name in YARN_FIELDS:
                 setattr(tc, name, getattr(self.config, name))
         return tc
@@ -39,11 +40,13 @@ class GPTModelBuilder(LanguageModelBuilder):
         cfg = self.config
         layer_spec = self.layer_spec()
         kwargs = self.language_model_kwargs(pre_process=pre_process, post_process=post_process, pg_collection=pg_collection)
-        return GPTModel(
+        model = GPTModel(
             **dict(kwargs, config=self._transformer_config()),
-            transformer_layer_spec=layer_spec,
+            transformer_layer_spec=stage_block_spec(layer_spec, cfg, vp_stage),
             fp16_lm_cross_entropy=cfg.fp16_lm_cross_entropy,
-            position_embedding_type=cfg.position_embedding_type,
+            # MLA applies RoPE inside attention; GPTModel builds none for 'rope' with MLA
+            # (with 'yarn' it would build one and pass it in, which MLA refuses).
+            position_embedding_type="rope" if cfg.is_mla() else cfg.position_embedding_type,
             rotary_percent=cfg.rotary_percent,
             rotary_base=cfg.rotary_base,
             rope_scaling=cfg.rope_scaling,
@@ -53,6 +56,27 @@ class GPTModelBuilder(LanguageModelBuilder):
             mtp_block_spec=self.mtp_block_spec(layer_spec, vp_stage),
             vp_stage=vp_stage,
         )
+        if cfg.is_mla():
+            from plugtron_gpt import mla
+
+            mla.finish_stage(model, cfg.transformer)
+        return model
+
+    def tp_row_blocks(self, name: str, param: Any) -> list[int] | None:
+        """Gated MLPs keep ``[gate_r; up_r]`` per rank; routed and shared experts have their own sizes.
+
+        Routed experts are named ``...experts.local_experts.{i}.linear_fc1.weight``
+        (SequentialMLP) or ``...experts.linear_fc1.weight{i}`` (grouped MLPs).
+        """
+        if not self.config.gated_linear_unit or not re.search(r"linear_fc1\.(weight|bias)\d*$", name):
+            return None
+        if ".mlp.experts." in name:
+            rows = self.config.moe_ffn_hidden_size
+            return [rows, rows]
+        if ".mlp.shared_experts." in name:
+            rows = self.config.moe_shared_expert_intermediate_size
+            return [rows, rows]
+        return super().tp_row_blocks(name, param)
 
     def random_batch(self, batch_size: int, seq_length: int, seed: int = 0) -> dict[str, Any]:
         """The core's random batch; position_ids [3, b, s] for mrope."""
@@ -81,6 +105,10 @@ class GPTModelBuilder(LanguageModelBuilder):
                 return model(**kwargs)
         if self.config.mtp_num_layers:
             mtp.prepare_forward(self.config.mtp_num_layers)
+        if self.config.is_moe():
+            from plugtron_gpt import moe
+
+            moe.prepare_forward()
         return model(**kwargs, labels=labels, loss_mask=batch.get("loss_mask"))
 
     def mtp_losses(self, reset: bool = True) -> torch.Tensor | None:

@@ -22,24 +22,51 @@ Which settings :meth:`GPTModelConfig.validate` rejects, and why:
   forward pass (odd rotary dimension, ``rotary_percent`` with YaRN,
   interleaved YaRN or mrope, an ``mrope_section`` that does not cover the rotary
   dimension) are rejected before any tensor exists.
+
+Mixture-of-Experts and Multi-Latent Attention (the rules are in
+:mod:`plugtron_gpt.moe_rules`, with the reason of each):
+
+* MoE and expert-parallel fields are megatron's own TransformerConfig fields
+  (``num_moe_experts``, ``moe_router_topk``, ``expert_model_parallel_size`` ...).
+* ``multi_latent_attention: true`` makes the live config megatron's
+  ``MLATransformerConfig`` (``q_lora_rank``, ``kv_lora_rank``,
+  ``qk_head_dim``, ``qk_pos_emb_head_dim``, ``v_head_dim``). Its RoPE is
+  configured with the family's own fields, as for every other GPT:
+  ``position_embedding_type`` (``rope`` or ``yarn``), ``rotary_base``,
+  ``rotary_percent`` and the ``yarn_*`` fields are copied into megatron's
+  ``rope_type``, ``rotary_scaling_factor``, ``mscale`` ... which are therefore
+  refused when set directly (two places for one setting would disagree).
+* Tensor parallelism with MoE or MLA needs sequence parallelism (megatron
+  refuses MoE without it; MLA without it gives wrong gradients). When
+  ``sequence_parallel`` is left unset it is switched on for TP > 1, with a
+  :class:`SequenceParallelNote` warning, and never written into the saved
+  config; an explicit ``sequence_parallel: false`` is refused.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, ClassVar
 
 import attrs
 
 from plugtron.config import model_config
 from plugtron.config.language import LanguageModelConfig
+from plugtron.errors import ConfigError
+from plugtron.records import resolve
 
 POSITION_EMBEDDINGS = ("learned_absolute", "rope", "yarn", "mrope", "none")
 ROTARY = ("rope", "yarn", "mrope")
 #: TransformerConfig switches the GPT layer specs do not build (they would be ignored silently).
-UNSUPPORTED = {
-    "num_moe_experts": "the gpt family's layer specs build dense MLPs; MoE is not supported yet",
-    "multi_latent_attention": "needs megatron's MLATransformerConfig, which the gpt family does not use",
-}
+UNSUPPORTED: dict[str, str] = {}
+DENSE_CONFIG = "megatron.core.transformer.transformer_config:TransformerConfig"
+MLA_CONFIG = "megatron.core.transformer.transformer_config:MLATransformerConfig"
+
+
+class SequenceParallelNote(UserWarning):
+    """sequence_parallel was left unset and is switched on because MoE/MLA at TP > 1 need it."""
+
+
 YARN_FIELDS = (
     "yarn_rotary_scaling_factor", "yarn_original_max_position_embeddings", "yarn_beta_fast",
     "yarn_beta_slow", "yarn_mscale", "yarn_mscale_all_dim", "yarn_correction_range_round_to_int",
@@ -54,6 +81,10 @@ class GPTModelConfig(LanguageModelConfig):
 
     family: ClassVar[str] = "gpt"
     unsupported: ClassVar[dict[str, str]] = UNSUPPORTED
+    #: The field *names* are MLATransformerConfig's (a superset of TransformerConfig's);
+    #: the live object is MLATransformerConfig only with multi_latent_attention
+    #: (see :meth:`_make_transformer`), so dense models keep TransformerConfig's defaults.
+    transformer_config_class: ClassVar[str] = MLA_CONFIG
 
     position_embedding_type: str = "rope"
     rotary_percent: float = 1.0
@@ -75,9 +106,49 @@ class GPTModelConfig(LanguageModelConfig):
     yarn_correction_range_round_to_int: bool = True
 
     def rotary_dim(self) -> int:
-        """Channels per head that RoPE rotates: int(kv_channels x rotary_percent), as megatron computes it."""
+        """Channels per head that RoPE rotates: int(kv_channels x rotary_percent), as megatron computes it.
+
+        With MLA only the ``qk_pos_emb_head_dim`` channels are rotated.
+        """
+        if self.is_mla():
+            dim = self._get("qk_pos_emb_head_dim", 64)
+            return int(dim * self.rotary_percent) if self.rotary_percent < 1.0 else dim
         kv = self._get("kv_channels") or self._get("hidden_size") // self._get("num_attention_heads")
         return int(kv * self.rotary_percent) if self.rotary_percent < 1.0 else kv
+
+    # -- MoE / MLA -----------------------------------------------------------
+    def is_moe(self) -> bool:
+        return bool(self._get("num_moe_experts"))
+
+    def is_mla(self) -> bool:
+        return bool(self._get("multi_latent_attention"))
+
+    def auto_sequence_parallel(self) -> bool:
+        """Whether sequence parallelism is switched on for the user (left unset, TP > 1, MoE or MLA)."""
+        tp = self._get("tensor_model_parallel_size", 1) or 1
+        return tp > 1 and (self.is_moe() or self.is_mla()) and "sequence_parallel" not in self._tc_kwargs
+
+    def _megatron_kwargs(self) -> dict[str, Any]:
+        """The keywords megatron's config class receives: the ones set, plus what the family derives."""
+        kwargs = dict(self._tc_kwargs)
+        if self.auto_sequence_parallel():
+            kwargs["sequence_parallel"] = True
+        if self.is_mla():
+            from plugtron_gpt.moe_rules import mla_rope_kwargs
+
+            kwargs.update(mla_rope_kwargs(self))
+        return kwargs
+
+    def _make_transformer(self) -> Any:
+        """megatron's TransformerConfig, or MLATransformerConfig with multi_latent_attention."""
+        cls = resolve(MLA_CONFIG if self.is_mla() else DENSE_CONFIG)
+        kwargs = self._megatron_kwargs()
+        try:
+            return cls(**kwargs)
+        except (ValueError, AssertionError, TypeError, NotImplementedError) as exc:
+            mentioned = [k for k in kwargs if re.search(rf"\b{re.escape(k)}\b", str(exc))]
+            field = max(mentioned, key=len) if mentioned else "transformer"
+            raise ConfigError(field, f"megatron-core rejects it: {exc}", config=type(self).__name__) from exc
 
     # -- validation --------------------------------------------------------
     def validate(self) -> None:
@@ -92,6 +163,11 @@ class GPTModelConfig(LanguageModelConfig):
         if self.position_embedding_type == "mrope":
             self._check_mrope()
         self._check_mtp()
+        from plugtron_gpt import moe_rules
+
+        moe_rules.check_moe(self)
+        moe_rules.check_mla(self)
+        moe_rules.check_tensor_parallel(self)
 
     def _is_default(self, name: str) -> bool:
         return getattr(self, name) == attrs.fields_dict(type(self))[name].default
@@ -130,6 +206,8 @@ class GPTModelConfig(LanguageModelConfig):
 
     def _check_rotary(self) -> None:
         dim = self.rotary_dim()
+        if (dim < 2 or dim % 2) and self.is_mla():
+            self._fail("qk_pos_emb_head_dim", f"qk_pos_emb_head_dim x rotary_percent = {dim} rotary channels; RoPE needs an even number >= 2")
         if dim < 2 or dim % 2:
             self._fail("rotary_percent", f"kv_channels x rotary_percent = {dim} rotary channels; RoPE needs an even number >= 2")
 

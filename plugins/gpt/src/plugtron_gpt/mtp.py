@@ -47,7 +47,10 @@ class MatchingSpecProvider(LocalSpecProvider):
     def __init__(self, layer_spec: Any) -> None:
         submodules = _last_layer_spec(layer_spec).submodules
         self._norm = submodules.input_layernorm
-        self._column = submodules.self_attention.submodules.linear_qkv
+        attention = submodules.self_attention.submodules
+        # GQA attention has linear_qkv; Multi-Latent Attention has no fused QKV, its
+        # up projections are the layer's column-parallel linears.
+        self._column = getattr(attention, "linear_qkv", None) or attention.linear_kv_up_proj
 
     def layer_norm(self, rms_norm: bool = False, for_qk: bool = False) -> Any:
         if self._norm is IdentityOp:  # norm fused into the linear: no class to copy
