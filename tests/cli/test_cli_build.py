@@ -80,3 +80,32 @@ def test_one_failing_rank_ends_every_rank_quickly(tmp_path):
     assert "[rank 1] plugtron: error: RuntimeError: injected failure on rank 1" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert elapsed < 120, f"took {elapsed:.0f} s"
+
+
+def test_wrap_hooks_from_the_command_line_run_after_the_plugins(tmp_path, monkeypatch, capsys):
+    (tmp_path / "my_hooks.py").write_text(textwrap.dedent(
+        """
+        CALLS = []
+
+        def freeze(chunks, config, context):
+            CALLS.append(("pre", type(chunks[0]).__name__))
+            for chunk in chunks:
+                chunk.embedding.requires_grad_(False)
+
+        def look(chunks, config, context):
+            CALLS.append(("post", all(not p.requires_grad for p in chunks[0].embedding.parameters())))
+        """
+    ))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    default = str(ROOT / "examples" / "configs" / "default.yaml")
+    assert main(["build", default, "--pre-wrap-hook", "my_hooks:freeze", "--post-wrap-hook", "my_hooks:look"]) == 0
+    import my_hooks
+
+    assert my_hooks.CALLS == [("pre", "GPTModel"), ("post", True)]
+
+
+def test_a_wrap_hook_that_cannot_be_loaded_is_one_line(capsys):
+    default = str(ROOT / "examples" / "configs" / "default.yaml")
+    assert main(["build", default, "--post-wrap-hook", "no_such_module:hook"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("plugtron: error: --post-wrap-hook no_such_module:hook: cannot load it") and "\n" not in err

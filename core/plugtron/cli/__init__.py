@@ -65,6 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             pm = _manager(_extra_plugins(argv))
             args = _parser(pm).parse_args(argv)
+            args.argv = argv  # what a multi-rank command re-runs on each rank (not sys.argv: main may be called in-process)
             return int(args.run(args) or 0)
         except PlugtronError as exc:
             return _fail(exc, 2)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
 import warnings
@@ -30,7 +29,30 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("--step", action="store_true", help="run one forward/backward step on random tokens")
     parser.add_argument("--batch-size", type=positive_int, default=2)
     parser.add_argument("--seq-length", type=positive_int, default=None, help="tokens per sample for --step (default: min(seq_length, 64))")
+    for when in ("pre", "post"):
+        parser.add_argument(
+            f"--{when}-wrap-hook", action="append", default=[], metavar="MODULE:FUNCTION",
+            help=f"also run hook(chunks, config, context) {'before' if when == 'pre' else 'after'} wrapping, after the "
+                 "plugins' hooks (repeatable; your own code, importable like a -p module, i.e. installed or on PYTHONPATH)",
+        )
     parser.set_defaults(run=run)
+
+
+def _hooks(paths: list[str], flag: str) -> list[Any]:
+    """The functions named on the command line (the user's own code, trusted like ``-p``)."""
+    from plugtron.errors import PluginError
+    from plugtron.records import resolve
+
+    hooks = []
+    for path in paths:
+        try:
+            hook = resolve(path)
+        except Exception as exc:  # noqa: BLE001 - name the flag and path whatever went wrong
+            raise PluginError(f"{flag} {path}: cannot load it: {type(exc).__name__}: {exc}") from exc
+        if not callable(hook):
+            raise PluginError(f"{flag} {path}: is not a function hook(chunks, config, context)")
+        hooks.append(hook)
+    return hooks
 
 
 def _apply_layout(config: Any, args: argparse.Namespace) -> None:
@@ -65,9 +87,11 @@ def run(args: argparse.Namespace) -> int:
     config = load(args.config, pm)
     _apply_layout(config, args)
     config.finalize()  # fail here, before any process is started
+    _hooks(args.pre_wrap_hook, "--pre-wrap-hook")  # a wrong path fails here, before any rank starts
+    _hooks(args.post_wrap_hook, "--post-wrap-hook")
     world = _world_size(config, args)
     if world > 1 and not under_launcher():
-        return relaunch(world, sys.argv[1:])
+        return relaunch(world, args.argv)
     return _build_on_this_rank(config, args, pm)
 
 
@@ -98,7 +122,10 @@ def _build_on_this_rank(config: Any, args: argparse.Namespace, pm: Any) -> int:
         config.tensor_model_parallel_size, config.pipeline_model_parallel_size,
         config.virtual_pipeline_model_parallel_size, ep=ep, etp=etp, timeout_s=FAILURE_TIMEOUT_S,
     )
-    built = build_model(config, parallel=parallel, options=BuildOptions(meta_device=args.meta, wrap=args.wrap, print_report=False), pm=pm)
+    options = BuildOptions(meta_device=args.meta, wrap=args.wrap, print_report=False)
+    built = build_model(config, parallel=parallel, options=options, pm=pm,
+                        pre_wrap_hooks=_hooks(args.pre_wrap_hook, "--pre-wrap-hook"),
+                        post_wrap_hooks=_hooks(args.post_wrap_hook, "--post-wrap-hook"))
     step = _step(built, config, args) if args.step else None
     _report(built, parallel, pm, step)
     return 0
