@@ -118,6 +118,62 @@ def plugtron_create_builder(config: Any, family: "FamilyInfo") -> "ModelBuilder 
 
 
 @hookspec
+def plugtron_moe_submodules(config: Any, family: "FamilyInfo") -> "dict[str, Any] | None":
+    """Replace the router, the routed experts or the shared experts of a family's MoE layers.
+
+    Called once per stage build, for a config with Mixture-of-Experts layers,
+    by families that build megatron's ``MoELayer`` (the GPT family does).
+    Return ``None`` to keep the family's modules, or a dict with any of these
+    keys (megatron's ``MoESubmodules`` fields):
+
+    * ``"router"``: a class (or factory) called as ``cls(config=..., pg_collection=...)``,
+      usually a subclass of megatron's ``TopKRouter``;
+    * ``"experts"`` / ``"shared_experts"``: a megatron ``ModuleSpec``, or just
+      a class, which then keeps the default spec's ``submodules`` and
+      ``params`` (a ``SequentialMLP`` subclass gets the same linears).
+
+    A value may also be an import path (``"package.module:Name"``), resolved
+    when the model is built, so the plugin module itself need not import
+    torch or megatron. The replacement applies to every MoE layer, whatever
+    layer spec was chosen (``torch``, ``local``, ``te`` or a plugin's), and to
+    the MTP layers. The family checks the keys: an unknown key, or
+    ``shared_experts`` for a config without shared experts (they would be
+    ignored silently), is an error naming the plugin.
+
+    Every plugin's answer counts, so one plugin may replace the router and
+    another the experts; two plugins replacing the same part is an error
+    naming both (no silent winner by registration order).
+
+    Example (a router that counts its calls and pins every token to the
+    first ``topk`` experts, e.g. to test expert placement)::
+
+        # my_package/routing.py
+        import torch
+        from megatron.core.transformer.moe.router import TopKRouter
+
+        class PinnedRouter(TopKRouter):
+            calls = 0
+
+            def routing(self, logits, padding_mask=None):
+                type(self).calls += 1
+                tokens = logits.reshape(-1, self.config.num_moe_experts).shape[0]
+                routing_map = torch.zeros(tokens, self.config.num_moe_experts, dtype=torch.bool, device=logits.device)
+                routing_map[:, : self.topk] = True
+                probs = routing_map.to(logits.dtype) / self.topk
+                return probs, routing_map
+
+        # my_package/plugin.py  (no torch import here)
+        from plugtron import hookimpl
+
+        @hookimpl
+        def plugtron_moe_submodules(config, family):
+            if family.name != "gpt":
+                return None
+            return {"router": "my_package.routing:PinnedRouter"}
+    """
+
+
+@hookspec
 def plugtron_pre_wrap(model: "list[Any]", config: Any, context: "BuildContext") -> "list[Any] | None":
     """Adjust the model chunks before device placement and wrapping.
 

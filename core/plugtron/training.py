@@ -53,7 +53,10 @@ def _reduce_grad(param: Any, group: Any) -> None:
     import torch.distributed as dist
 
     grad = param.grad if param.grad is not None else torch.zeros_like(param)
-    dist.all_reduce(grad, group=group)
+    # FSDP2 (a DTensor): this rank's shard; the ranks of ``group`` hold the same shard index
+    # (they are one data-parallel rank's tensor-parallel peers), so summing shards sums the tensor.
+    local = grad.to_local() if hasattr(grad, "to_local") else grad
+    dist.all_reduce(local, group=group)
     param.grad = grad
 
 
@@ -114,9 +117,11 @@ def _sync_expert_grads(chunks: list) -> None:
     only its tokens' share of the gradient: megatron's expert-data-parallel
     group is exactly those ranks (times the data-parallel replicas, of which
     there are none for plain chunks at dp=1; with dp > 1 plain chunks get no
-    data-parallel reduction at all, as dense parameters do not).
+    data-parallel reduction at all, as dense parameters do not). Experts that
+    FSDP2 manages were reduced over that group by FSDP2 itself.
     """
     from megatron.core import parallel_state
+    from torch.distributed.fsdp import FSDPModule
 
     if parallel_state.get_data_parallel_world_size() > 1:
         return
@@ -124,6 +129,8 @@ def _sync_expert_grads(chunks: list) -> None:
     if group.size() == 1:
         return
     for layer in _moe_layers(chunks):
+        if isinstance(layer.experts, FSDPModule):
+            continue
         for param in layer.experts.parameters():
             if param.requires_grad:
                 _reduce_grad(param, group)

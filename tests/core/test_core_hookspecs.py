@@ -15,6 +15,7 @@ SPECS = sorted(name for name, obj in vars(hookspecs).items() if name.startswith(
 def test_the_expected_hooks_exist():
     assert {
         "plugtron_create_builder",
+        "plugtron_moe_submodules",
         "plugtron_post_wrap",
         "plugtron_pre_wrap",
         "plugtron_register_converters",

@@ -46,3 +46,10 @@ def mla_without_sequence_parallel(config: Any) -> Callable[[], None]:
 
     config.sequence_parallel = False
     return _swap(moe_rules, "check_tensor_parallel", lambda cfg: None)
+
+
+def fsdp2_default_expert_divide_factor(config: Any) -> Callable[[], None]:
+    """FSDP2's default for the experts' units: divide by the size of the group they are reduced over (edp)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return _swap(FSDPModule, "set_gradient_divide_factor", lambda self, factor: None)

@@ -7,14 +7,18 @@ aux-loss-free expert bias after its update, under plain backward and under
 megatron DDP. Two references: a Mixtral-style model (alltoall dispatcher,
 softmax top-2, aux + z loss) and a DeepSeek-V3-style one (MLA with YaRN, a
 dense first layer, shared expert with gate, sigmoid routing with expert bias,
-group-limited top-k, sequence aux loss, allgather dispatcher, one MTP layer).
+group-limited top-k, sequence aux loss, allgather dispatcher, one MTP layer),
+and four-layer versions of both for PP=2 x VP=2 (the MTP layer on the last
+virtual stage). FSDP2 scenarios shard the experts over the
+expert-data-parallel group (EP=2: dp=2, edp=1; plain dp=2: edp=2; TP=2 ETP=1:
+dp=1, edp=2).
 
 Each trap of the project notes has a scenario that rebuilds the known-wrong
 construction (``tests/distributed/moe_traps.py``) and must *not* match.
 
 A second, 4-rank job covers the layouts that need four ranks: TP=2 x ETP=2 x
 EP=2 (where megatron gathers uneven splits, which gloo cannot do without the
-CPU runtime's padding) and EP=2 x PP=2.
+CPU runtime's padding), EP=2 x PP=2, and EP=2 under FSDP2 with dp=4, edp=2.
 """
 
 from __future__ import annotations
@@ -54,6 +58,10 @@ REFERENCES = {
     ),
     "mla": dict(MLA),  # dense MLA: megatron refuses MoE without sequence parallelism, MLA alone builds
 }
+# Four layers for PP=2 x VP=2 (one layer per virtual stage); the DeepSeek one keeps a dense first layer,
+# and its MTP layer sits on the last virtual stage of the last pipeline rank.
+REFERENCES["mixtral4"] = dict(REFERENCES["mixtral"], num_layers=4)
+REFERENCES["deepseek4"] = dict(REFERENCES["deepseek"], num_layers=4, moe_layer_freq=[0, 1, 1, 1])
 LAYOUTS = [
     dict(ep=2, wrap="ddp"),  # EP takes the data-parallel ranks: dp=2, so DDP
     dict(tp=2, etp=1), dict(tp=2, etp=1, wrap="ddp"),
@@ -66,6 +74,15 @@ SCENARIOS = [
     for ref in ("mixtral", "deepseek") for layout in LAYOUTS
 ] + [
     dict(name="mla tp=2", ref="mla", tp=2),
+] + [
+    dict(name=f"{ref} pp=2 vp=2" + (" wrap=ddp" if wrap else ""), ref=ref, pp=2, vp=2, **({"wrap": wrap} if wrap else {}))
+    for ref in ("mixtral4", "deepseek4") for wrap in (None, "ddp")
+] + [
+    # FSDP2: experts are units of their own over the expert-data-parallel group (pipeline/wrap.py)
+    dict(name="mixtral ep=2 wrap=fsdp2", ref="mixtral", ep=2, wrap="fsdp2"),  # dp=2, edp=1
+    dict(name="mixtral wrap=fsdp2", ref="mixtral", wrap="fsdp2"),  # dp=2, edp=2
+    dict(name="deepseek ep=2 wrap=fsdp2", ref="deepseek", ep=2, wrap="fsdp2"),
+    dict(name="deepseek tp=2 etp=1 wrap=fsdp2", ref="deepseek", tp=2, etp=1, wrap="fsdp2"),  # dp=1, edp=2: a sum
 ]
 TRAP_SCENARIOS = [
     dict(name="trap: megatron DDP, experts at EP=1 over the dense DP group", ref="mixtral", tp=2, etp=1, wrap="ddp",
@@ -75,6 +92,8 @@ TRAP_SCENARIOS = [
     dict(name="trap: MLA with column-parallel down projections", ref="mla", tp=2,
          setup=TRAPS + "mla_column_parallel_down_projections"),
     dict(name="trap: MLA without sequence parallelism", ref="mla", tp=2, setup=TRAPS + "mla_without_sequence_parallel"),
+    dict(name="trap: FSDP2 experts divided by their own group's size", ref="mixtral", ep=2, wrap="fsdp2",
+         setup=TRAPS + "fsdp2_default_expert_divide_factor"),
 ]
 
 
@@ -82,6 +101,8 @@ FOUR_RANKS = [
     dict(name=f"{ref} " + " ".join(f"{k}={v}" for k, v in layout.items()), ref=ref, **layout)
     for ref in ("mixtral", "deepseek")
     for layout in (dict(tp=2, ep=2, etp=2, wrap="ddp"), dict(ep=2, pp=2, wrap="ddp"))
+] + [
+    dict(name="mixtral ep=2 wrap=fsdp2", ref="mixtral", ep=2, wrap="fsdp2"),  # dp=4, edp=2: divided by 4, reduced over 2
 ]
 
 
@@ -90,7 +111,7 @@ def references() -> dict:
     from plugtron_gpt.config import GPTModelConfig
 
     return {
-        name: parity.reference(GPTModelConfig(**BASE, activation_func=torch.nn.functional.silu, **fields))
+        name: parity.reference(GPTModelConfig(**{**BASE, **fields}, activation_func=torch.nn.functional.silu))
         for name, fields in REFERENCES.items()
     }
 
@@ -129,6 +150,8 @@ def check(results: dict, scenario: dict, world: int) -> None:
     assert result["max_grad_diff"] < 1e-6, result
     if world // (scenario.get("tp", 1) * scenario.get("pp", 1)) == 1:  # data-parallel runs split the batches
         assert result["max_logits_diff"] is not None and result["max_logits_diff"] < 1e-6, result
+    if scenario.get("vp"):  # every parameter lives on one (rank, virtual stage), MTP's embedding copy on the last too
+        assert result["params_checked"] == len(ref["state"]) + (ref["mtp_loss"] is not None), result
     if ref["aux_losses"]:
         assert result["max_aux_loss_diff"] < 1e-6, result
     if ref["mtp_loss"] is not None:

@@ -202,18 +202,31 @@ def test_router_and_dispatch_options_step(tiny_config, build, name: str) -> None
     assert pattern == (["MoELayer", "MLP"] * 2 if name == "every other layer" else ["MoELayer"] * 2)
 
 
-def test_fsdp2_refuses_experts_split_unlike_data_parallelism(tiny_config, build, monkeypatch) -> None:
-    """FSDP2 shards over the data-parallel group; expert-parallel experts are not laid out that way."""
+def test_fsdp2_shards_experts_over_the_expert_data_parallel_group(tiny_config, build) -> None:
+    """Routed experts are FSDP2 units of their own, on the expert-DP group's mesh, and keep megatron's attributes.
+
+    The numbers (EP=2, dp=2, TP=2 with ETP=1/2 against one process) are in
+    tests/distributed/test_moe_layouts.py.
+    """
     from megatron.core import parallel_state
+    from torch.distributed.fsdp import FSDPModule
 
     from plugtron.builder import BuildContext, BuildOptions
     from plugtron.pipeline import wrap
+    from plugtron.training import forward_backward, random_batches
 
     built = build(tiny_config(num_moe_experts=4, moe_ffn_hidden_size=32))
-    monkeypatch.setattr(parallel_state, "get_expert_model_parallel_world_size", lambda: 2)
     context = BuildContext(parallel=built.context.parallel, options=BuildOptions(wrap="fsdp2"), builder=built.context.builder)
-    with pytest.raises(PipelineError, match="fsdp2.*use wrap 'ddp'"):
-        wrap.wrap_data_parallel(built.chunks, built.context.builder.config, context)
+    chunk = wrap.wrap_data_parallel(built.chunks, built.context.builder.config, context)[0]
+    for layer in layers(built):
+        assert isinstance(layer, FSDPModule) and isinstance(layer.mlp.experts, FSDPModule)
+        weight = layer.mlp.experts.local_experts[0].linear_fc1.weight
+        assert weight.device_mesh.get_group() is parallel_state.get_expert_data_parallel_group()
+        assert layer.self_attention.linear_qkv.weight.device_mesh.get_group() is parallel_state.get_data_parallel_group()
+        assert weight.tensor_model_parallel and weight.partition_dim == 0, "megatron's attributes survive fully_shard"
+    built.chunks[:] = [chunk]
+    assert forward_backward(built, random_batches(built, 1, 2, 16)) is not None
+    assert all(p.grad is not None for p in chunk.parameters())
 
 
 def test_ddp_marks_experts_for_the_expert_data_parallel_group(tiny_config, build) -> None:

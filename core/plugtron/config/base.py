@@ -108,12 +108,30 @@ class ModelConfig:
             object.__setattr__(self, "_transformer", self._make_transformer())
         return self._transformer
 
+    def transformer_config_path(self) -> str:
+        """Import path (``module:Class``) of the TransformerConfig class the live config is made of.
+
+        ``transformer_config_class`` by default. A family whose class depends
+        on a field (GPT: megatron's ``MLATransformerConfig`` only with
+        ``multi_latent_attention``) overrides this, and :meth:`megatron_kwargs`,
+        rather than :meth:`_make_transformer`, so that megatron's errors are
+        mapped to the field they name in one place. It must return a constant
+        of the family's code (a class attribute, a module constant), never a
+        value read from a file.
+        """
+        return type(self).transformer_config_class
+
+    def megatron_kwargs(self) -> dict[str, Any]:
+        """The keywords megatron's config class receives: those set, plus what the family derives (a copy)."""
+        return dict(self._tc_kwargs)
+
     def _make_transformer(self) -> Any:
-        cls = resolve(type(self).transformer_config_class)  # the class's, never an instance's
+        cls = resolve(self.transformer_config_path())
+        kwargs = self.megatron_kwargs()
         try:
-            return cls(**self._tc_kwargs)
-        except (ValueError, AssertionError, TypeError) as exc:
-            mentioned = [k for k in self._tc_kwargs if re.search(rf"\b{re.escape(k)}\b", str(exc))]
+            return cls(**kwargs)
+        except (ValueError, AssertionError, TypeError, NotImplementedError) as exc:
+            mentioned = [k for k in kwargs if re.search(rf"\b{re.escape(k)}\b", str(exc))]
             field = max(mentioned, key=len) if mentioned else "transformer"
             raise ConfigError(field, f"megatron-core rejects it: {exc}", config=type(self).__name__) from exc
 

@@ -31,7 +31,8 @@ def build_stages(builder: "ModelBuilder", parallel: "ParallelContext", *, meta: 
     vp_stages: list[int | None] = list(range(parallel.vp)) if parallel.vp else [None]
     chunks = []
     device_ctx = torch.device("meta") if meta else contextlib.nullcontext()
-    with _without_random_init(builder.config) if meta else contextlib.nullcontext():
+    with _without_random_init(builder.config) if meta else contextlib.nullcontext(), _without_master_weights(meta), \
+            _without_cyclic_gc(meta):
         for vp_stage in vp_stages:
             pre, post = stage_flags(vp_stage)
             with device_ctx:
@@ -72,6 +73,83 @@ def _without_random_init(config: object) -> "Iterator[None]":
     finally:
         for name, value in saved.items():
             setattr(transformer, name, value)
+
+
+@contextlib.contextmanager
+def _without_cyclic_gc(meta: bool) -> "Iterator[None]":
+    """No cyclic garbage collection while constructing on the meta device.
+
+    A frontier MoE shape is ~47k modules and ~60k parameters, each a handful
+    of container objects and none of them garbage: Python's generational
+    collector keeps re-scanning the growing heap for cycles it will not find.
+    Measured on a DeepSeek-V3 shape: 5.0 s -> 3.4 s; Qwen3-235B-A22B: 3.2 s ->
+    1.7 s. The collector's previous state is restored afterwards, and cycles
+    made meanwhile are collected at its next run.
+    """
+    import gc
+
+    enabled = meta and gc.isenabled()
+    if enabled:
+        gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+#: megatron modules that call ``_initialize_affine_weight_cpu`` through a name of their own.
+_AFFINE_INIT_USERS = (
+    "megatron.core.tensor_parallel.layers",
+    "megatron.core.transformer.moe.experts",
+    "megatron.core.extensions.transformer_engine",
+)
+
+
+@contextlib.contextmanager
+def _without_master_weights(meta: bool) -> "Iterator[None]":
+    """Under a meta build, megatron's CPU weight initialisation only marks the tensor-parallel attributes.
+
+    With ``use_cpu_initialization`` every megatron linear and embedding builds
+    a full-size master weight, initialises it, splits it, concatenates this
+    rank's slices and copies them into the parameter (``_initialize_affine_weight_cpu``).
+    On the meta device that is all shape arithmetic through torch's Python
+    reference decompositions: measured under cProfile, 9.8 of the 16.3 s of
+    constructing a DeepSeek-V3 shape (30k linears; 6.9 s in ``torch.cat``). Materialisation
+    initialises every parameter afterwards, so only the attributes that
+    function sets (``tensor_model_parallel``, ``partition_dim``,
+    ``partition_stride``) are kept; a caller that asks for the master weight
+    back (megatron's tests) gets the original function.
+    """
+    import sys
+
+    if not meta:
+        yield
+        return
+    from megatron.core.tensor_parallel import layers
+
+    original = layers._initialize_affine_weight_cpu
+
+    def mark_only(weight: "torch.Tensor", output_size: int, input_size: int, per_partition_size: int, partition_dim: int,
+                  init_method: object, stride: int = 1, return_master_weight: bool = False, **kwargs: object) -> object:
+        if return_master_weight:
+            return original(weight, output_size, input_size, per_partition_size, partition_dim, init_method,
+                            stride, return_master_weight, **kwargs)
+        if not kwargs.get("skip_set_tensor_parallel_attributes", False):
+            layers.set_tensor_model_parallel_attributes(tensor=weight, is_parallel=True, dim=partition_dim, stride=stride)
+        return None
+
+    users = [sys.modules[name] for name in _AFFINE_INIT_USERS if name in sys.modules]
+    saved = [(module, module.__dict__.get("_initialize_affine_weight_cpu")) for module in users]
+    try:
+        for module, found in saved:
+            if found is original:
+                module._initialize_affine_weight_cpu = mark_only
+        yield
+    finally:
+        for module, found in saved:
+            if found is original:
+                module._initialize_affine_weight_cpu = original
 
 
 def _encoder_or_decoder():  # megatron's schedules read model_type on every chunk

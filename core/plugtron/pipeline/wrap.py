@@ -102,35 +102,81 @@ def _fsdp2(chunk: "torch.nn.Module", config: Any, context: "BuildContext") -> "t
     """torch ``fully_shard`` on every layer the builder names, then the chunk.
 
     Only whole layers become units: giving the (possibly tied) embedding its
-    own unit breaks weight sharing.
+    own unit breaks weight sharing. Routed experts are units of their own,
+    sharded over the expert-data-parallel group (:func:`_fsdp2_experts`),
+    before their layer, which then leaves them out.
     """
     import torch
     from megatron.core import parallel_state
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    if expert_parameters(chunk) and (
-        parallel_state.get_expert_model_parallel_world_size() > 1
-        or parallel_state.get_expert_data_parallel_group().size() != parallel_state.get_data_parallel_world_size()
-    ):
-        raise PipelineError(
-            "wrap 'fsdp2' shards over the data-parallel group, but these experts are split differently "
-            "(expert parallelism, or expert_tensor_parallel_size < tensor_model_parallel_size); use wrap 'ddp'"
-        )
+    if context.options.broadcast_params:
+        raise PipelineError("broadcast_params is for ddp; FSDP2 shards come from one initialisation already")
     mesh = DeviceMesh.from_group(parallel_state.get_data_parallel_group(), device_type=context.device)
     policy = None
     if wants_half(config) and context.options.mixed_precision != "none":
         half = torch.bfloat16 if getattr(config, "bf16", False) else torch.float16
         policy = MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32)
-    kwargs = {"mesh": mesh, **({"mp_policy": policy} if policy else {})}
+    extra = {"mp_policy": policy} if policy else {}
+    saved = {name: dict(param.__dict__) for name, param in chunk.named_parameters()}
+    _fsdp2_experts(chunk, context, extra)
     unit_types = context.builder.fsdp_unit_types()
     for module in list(chunk.modules()):
         if isinstance(module, unit_types):
-            fully_shard(module, **kwargs)
-    fully_shard(chunk, **kwargs)
-    if context.options.broadcast_params:
-        raise PipelineError("broadcast_params is for ddp; FSDP2 shards come from one initialisation already")
+            fully_shard(module, mesh=mesh, **extra)
+    fully_shard(chunk, mesh=mesh, **extra)
+    _restore_parameter_attributes(chunk, saved)
     return chunk
+
+
+def _restore_parameter_attributes(chunk: "torch.nn.Module", saved: dict[str, dict]) -> None:
+    """Put megatron's attributes back on the DTensor parameters FSDP2 made.
+
+    ``fully_shard`` replaces every parameter with a new DTensor parameter and
+    drops the Python attributes megatron hangs on them (``sequence_parallel``,
+    ``tensor_model_parallel``, ``partition_dim``, ``allreduce`` ...); code that
+    reads them would then skip, silently, the tensor-parallel reduction of
+    sequence-parallel norm gradients, or gather a shard as if it were whole.
+    """
+    for name, param in chunk.named_parameters():
+        for key, value in saved.get(name, {}).items():
+            param.__dict__.setdefault(key, value)
+
+
+def _fsdp2_experts(chunk: "torch.nn.Module", context: "BuildContext", extra: dict) -> None:
+    """``fully_shard`` each MoE layer's routed experts over the expert-data-parallel group.
+
+    Expert parallelism takes its ranks from data parallelism: the ranks that
+    hold the same expert shard (and must average its gradient) are megatron's
+    expert-data-parallel group, not the data-parallel one (EP=2 on 2 ranks:
+    dense layers are replicated twice, each expert once). Tokens reach their
+    experts through the dispatcher's all-to-all, whose backward already sums
+    the gradient contributions of every expert-parallel peer; so, like
+    megatron's DDP (``expert_gradient_scaling_factor``), the expert gradient is
+    divided by the *dense* data-parallel size, not by the size of the group it
+    is reduced over (FSDP2's default). With tensor parallelism and ETP < TP
+    the expert-data-parallel group also holds tensor-parallel peers, whose
+    contributions (their slices of the sequence) are summed the same way.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+
+    layers = [m for m in chunk.modules() if isinstance(m, MoELayer)]
+    if not layers:
+        return
+    group = parallel_state.get_expert_data_parallel_group()
+    mesh = DeviceMesh.from_group(group, device_type=context.device)
+    divide = parallel_state.get_data_parallel_world_size()
+    for layer in layers:
+        experts = fully_shard(layer.experts, mesh=mesh, **extra)
+        experts.set_gradient_divide_factor(float(divide))
+        if group.size() > 1 and divide != group.size():
+            # A factor other than the group's size is a PREMUL_SUM, which gloo lacks; sum, then divide.
+            # Not on one rank: torch 2.13 then divides twice (its one-rank copy and its post-divide).
+            experts.set_force_sum_reduction_for_comms(True)
 
 
 def _megatron_fsdp(chunks: list, config: Any, context: "BuildContext") -> list:

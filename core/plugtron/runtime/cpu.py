@@ -67,14 +67,14 @@ class CudaToCpuMode(TorchFunctionMode):
     """Maps ``device="cuda"``, ``Tensor.cuda()`` and ``.to("cuda")`` onto the CPU."""
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        kwargs = dict(kwargs or {})
+        # Every torch call of the process passes here: the common case (no device) copies nothing.
         if func is torch.Tensor.cuda:
             return args[0]
-        if "device" in kwargs:
-            kwargs["device"] = _to_cpu_device(kwargs["device"])
+        if kwargs and "device" in kwargs:
+            kwargs = {**kwargs, "device": _to_cpu_device(kwargs["device"])}
         if func is torch.Tensor.to and len(args) > 1:
             args = (args[0], _to_cpu_device(args[1]), *args[2:])
-        return func(*args, **kwargs)
+        return func(*args, **(kwargs or {}))
 
 
 class CpuRNGStatesTracker:

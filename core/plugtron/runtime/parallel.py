@@ -112,6 +112,28 @@ def world_size_for(tp: int = 1, pp: int = 1, *, cp: int = 1, ep: int = 1, etp: i
     return pp * math.lcm(tp * cp, etp * ep)
 
 
+def _forget_dtensor_meshes() -> None:
+    """Drop torch's cached DTensor sharding decisions, which hold the meshes (and groups) of the old layout.
+
+    A ``DeviceMesh`` compares equal to any mesh over the same ranks, whatever
+    its process group, so after a layout change DTensor's sharding-propagation
+    cache hands out output specs on the previous layout's mesh, whose group was
+    just destroyed (measured with FSDP2 in two layouts in one process: "Could
+    not resolve the process group registered under the name 3" at the next
+    ``full_tensor()``). Only when DTensor was imported; the clearing functions
+    are torch's own (``torch.distributed.tensor.debug``, checked on 2.13.0).
+    """
+    import sys
+
+    if "torch.distributed.tensor" not in sys.modules:
+        return
+    from torch.distributed.tensor import debug
+
+    clear = getattr(debug, "_clear_sharding_prop_cache", None)
+    if clear is not None:
+        clear()
+
+
 def _initialize_groups(tp: int, pp: int, vp: int | None, cp: int, timeout_s: float, ep: int = 1, etp: int | None = None) -> None:
     """megatron's groups for this layout, reused when the layout is unchanged.
 
@@ -131,6 +153,7 @@ def _initialize_groups(tp: int, pp: int, vp: int | None, cp: int, timeout_s: flo
         for group in _current_layout.pop("groups", ()):
             if group in live_process_groups():
                 dist.destroy_process_group(group)
+        _forget_dtensor_meshes()
     before = live_process_groups()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp,

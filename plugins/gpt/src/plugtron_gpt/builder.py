@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -11,8 +11,29 @@ from plugtron.builder import LanguageModelBuilder
 from plugtron_gpt.config import YARN_FIELDS
 from plugtron_gpt.specs import stage_block_spec, uses_transformer_engine
 
+if TYPE_CHECKING:
+    from plugtron.layer_specs import SpecChoice
+    from plugtron.manager import PlugtronPluginManager
+
 
 class GPTModelBuilder(LanguageModelBuilder):
+    _pm: "PlugtronPluginManager | None" = None
+
+    def select_spec(self, pm: "PlugtronPluginManager") -> "SpecChoice":
+        """Remember the manager: :meth:`layer_spec` asks its plugins for MoE replacements."""
+        self._pm = pm
+        return super().select_spec(pm)
+
+    def layer_spec(self) -> Any:
+        """The chosen factory's spec, with the MoE parts plugins replace (``plugtron_moe_submodules``)."""
+        spec = super().layer_spec()
+        if not self.config.is_moe() or self._pm is None:
+            return spec
+        from plugtron_gpt import moe_overrides
+
+        replacements = self._pm.hooks.moe_submodules(self.config, self._pm.family(self.config.family))
+        return moe_overrides.apply(spec, replacements, self.config)
+
     def _transformer_config(self) -> Any:
         """The live TransformerConfig, with the YaRN fields megatron reads from it with ``getattr``.
 
@@ -35,12 +56,32 @@ class GPTModelBuilder(LanguageModelBuilder):
         return mtp_block_spec(self.config.transformer, layer_spec, te, vp_stage)
 
     def build_stage(self, *, pre_process: bool, post_process: bool, vp_stage: int | None, pg_collection: Any) -> torch.nn.Module:
-        from megatron.core.models.gpt import GPTModel
-
         cfg = self.config
         layer_spec = self.layer_spec()
         kwargs = self.language_model_kwargs(pre_process=pre_process, post_process=post_process, pg_collection=pg_collection)
-        model = GPTModel(
+        with self._construction():
+            model = self._gpt_model(kwargs, layer_spec, vp_stage)
+        if cfg.is_mla():
+            from plugtron_gpt import mla
+
+            mla.finish_stage(model, cfg.transformer)
+        return model
+
+    def _construction(self) -> Any:
+        """What megatron's constructors run under: YaRN MLA layers compute their caches once (:mod:`plugtron_gpt.mla`)."""
+        import contextlib
+
+        if not (self.config.is_mla() and self.config.position_embedding_type == "yarn"):
+            return contextlib.nullcontext()
+        from plugtron_gpt import mla
+
+        return mla.yarn_caches_computed_once()
+
+    def _gpt_model(self, kwargs: dict[str, Any], layer_spec: Any, vp_stage: int | None) -> torch.nn.Module:
+        from megatron.core.models.gpt import GPTModel
+
+        cfg = self.config
+        return GPTModel(
             **dict(kwargs, config=self._transformer_config()),
             transformer_layer_spec=stage_block_spec(layer_spec, cfg, vp_stage),
             fp16_lm_cross_entropy=cfg.fp16_lm_cross_entropy,
@@ -56,11 +97,6 @@ class GPTModelBuilder(LanguageModelBuilder):
             mtp_block_spec=self.mtp_block_spec(layer_spec, vp_stage),
             vp_stage=vp_stage,
         )
-        if cfg.is_mla():
-            from plugtron_gpt import mla
-
-            mla.finish_stage(model, cfg.transformer)
-        return model
 
     def tp_row_blocks(self, name: str, param: Any) -> list[int] | None:
         """Gated MLPs keep ``[gate_r; up_r]`` per rank; routed and shared experts have their own sizes.

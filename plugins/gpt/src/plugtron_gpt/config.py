@@ -45,7 +45,6 @@ Mixture-of-Experts and Multi-Latent Attention (the rules are in
 
 from __future__ import annotations
 
-import re
 from typing import Any, ClassVar
 
 import attrs
@@ -53,7 +52,6 @@ import attrs
 from plugtron.config import model_config
 from plugtron.config.language import LanguageModelConfig
 from plugtron.errors import ConfigError
-from plugtron.records import resolve
 
 POSITION_EMBEDDINGS = ("learned_absolute", "rope", "yarn", "mrope", "none")
 ROTARY = ("rope", "yarn", "mrope")
@@ -83,7 +81,7 @@ class GPTModelConfig(LanguageModelConfig):
     unsupported: ClassVar[dict[str, str]] = UNSUPPORTED
     #: The field *names* are MLATransformerConfig's (a superset of TransformerConfig's);
     #: the live object is MLATransformerConfig only with multi_latent_attention
-    #: (see :meth:`_make_transformer`), so dense models keep TransformerConfig's defaults.
+    #: (see :meth:`transformer_config_path`), so dense models keep TransformerConfig's defaults.
     transformer_config_class: ClassVar[str] = MLA_CONFIG
 
     position_embedding_type: str = "rope"
@@ -128,9 +126,9 @@ class GPTModelConfig(LanguageModelConfig):
         tp = self._get("tensor_model_parallel_size", 1) or 1
         return tp > 1 and (self.is_moe() or self.is_mla()) and "sequence_parallel" not in self._tc_kwargs
 
-    def _megatron_kwargs(self) -> dict[str, Any]:
+    def megatron_kwargs(self) -> dict[str, Any]:
         """The keywords megatron's config class receives: the ones set, plus what the family derives."""
-        kwargs = dict(self._tc_kwargs)
+        kwargs = super().megatron_kwargs()
         if self.auto_sequence_parallel():
             kwargs["sequence_parallel"] = True
         if self.is_mla():
@@ -139,16 +137,9 @@ class GPTModelConfig(LanguageModelConfig):
             kwargs.update(mla_rope_kwargs(self))
         return kwargs
 
-    def _make_transformer(self) -> Any:
+    def transformer_config_path(self) -> str:
         """megatron's TransformerConfig, or MLATransformerConfig with multi_latent_attention."""
-        cls = resolve(MLA_CONFIG if self.is_mla() else DENSE_CONFIG)
-        kwargs = self._megatron_kwargs()
-        try:
-            return cls(**kwargs)
-        except (ValueError, AssertionError, TypeError, NotImplementedError) as exc:
-            mentioned = [k for k in kwargs if re.search(rf"\b{re.escape(k)}\b", str(exc))]
-            field = max(mentioned, key=len) if mentioned else "transformer"
-            raise ConfigError(field, f"megatron-core rejects it: {exc}", config=type(self).__name__) from exc
+        return MLA_CONFIG if self.is_mla() else DENSE_CONFIG
 
     # -- validation --------------------------------------------------------
     def validate(self) -> None:
