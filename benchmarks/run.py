@@ -188,13 +188,13 @@ def row_train(p: dict[str, Any]) -> tuple[list[list[str]], dict[str, Any]]:
     ]], r
 
 
-def rows_from(module_name: str, quick: bool) -> tuple[list[list[str]], dict[str, Any]]:
-    """Rows of a family benchmark module whose ``run(quick)`` returns dict rows (bench_mamba, bench_hf)."""
+def rows_from(module_name: str, quick: bool, **options: Any) -> tuple[list[list[str]], dict[str, Any]]:
+    """Rows of a family benchmark module whose ``run(quick, **options)`` returns dict rows (bench_mamba, bench_hf...)."""
     import importlib
 
     try:
         module = importlib.import_module(module_name)
-        results = module.run(quick)
+        results = module.run(quick, **options)
     except Exception as exc:  # noqa: BLE001 - a broken benchmark is a failed row, not a lost run
         raise BenchError(f"{module_name}: {type(exc).__name__}: {exc}") from exc
     mark = {True: OK, False: FAIL, None: INFO}
@@ -216,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="~150M instead of ~1B eager build, fewer repeats")
     parser.add_argument("--json", type=Path, help="also write the raw measurements here")
+    parser.add_argument("--hf-large", action="store_true",
+                        help="also time the whole `plugtron convert` commands on the ~1B checkpoint (about 4 min more)")
     parser.add_argument(
         "--fresh", action="store_true",
         help="start a new interpreter for every measurement instead of forking from a preloaded server (slower)",
@@ -243,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         ("5. train", lambda: row_train(p)),
         ("6. mamba mixer", lambda: rows_from("bench_mamba", args.quick)),
         ("7. hf conversion", lambda: rows_from("bench_hf", args.quick)),
+        ("7b. hf commands", lambda: rows_from("bench_hf_command", args.quick, large=args.hf_large)),
+        ("7c. megatron checkpoint", lambda: rows_from("bench_hf_ckpt", args.quick)),
     ]
     for name, function in steps:
         with console.status(f"running {name} ..."):

@@ -111,10 +111,32 @@ class GPTAdapter:
                            padded_vocab_size=config.padded_vocab_size())
 
     def tolerated_unused(self, name: str, config: Any) -> bool:
-        from .mappings import _BUFFER_SUFFIXES
+        return tolerated_unused(name, bool(config.share_embeddings_and_output_weights))
 
-        tied = name == "lm_head.weight" and config.share_embeddings_and_output_weights
-        return tied or name.endswith(_BUFFER_SUFFIXES)
+    def describes(self, config: Any, hf_config: dict[str, Any]) -> bool:
+        """Whether ``hf_config`` translates to exactly the model ``config`` holds.
+
+        Why: the exporter then writes that config.json back as it was (only
+        ``dtype`` updated) instead of regenerating it through transformers'
+        config classes, which cost 1.5-3.5 s to import.
+        """
+        from .errors import ConversionError
+        from .hf_config import _MEGATRON_MUST_BE_DEFAULT, to_megatron_fields
+
+        try:
+            wanted = to_megatron_fields(hf_config, self.architecture)
+        except ConversionError:
+            return False
+        have = fields_from_gpt_config(config)
+        return (all(k in have and have[k] == v for k, v in wanted.items())
+                and all(have.get(k, d) == d for k, d in _MEGATRON_MUST_BE_DEFAULT.items()))
+
+
+def tolerated_unused(name: str, tied: bool) -> bool:
+    """The built-in tables' tolerated extras: a tied ``lm_head.weight``, recomputed buffers (``inv_freq`` ...)."""
+    from .mappings import _BUFFER_SUFFIXES
+
+    return (tied and name == "lm_head.weight") or name.endswith(_BUFFER_SUFFIXES)
 
 
 LLAMA = GPTAdapter("LlamaForCausalLM")

@@ -95,17 +95,21 @@ def save_megatron(dst: str | Path, built: "BuiltModel", config: Any, *, meta: di
 
     from .dcp_strategies import InProcessTorchDistSaveStrategy
     from .exporter import refuse_existing
+    from .importer import plain_torch
+    from .libraries import collections_paused
 
     dst = Path(dst)
     refuse_existing(dst, overwrite)
     rank0 = dist.get_rank() == 0
     with contextlib.ExitStack() as stack:
+        stack.enter_context(collections_paused())
         tmp = stack.enter_context(atomic_output_dir(dst, overwrite=overwrite)) if rank0 else None
         if rank0:
             (tmp / WEIGHTS_DIR).mkdir()
         tmp = Path(_broadcast(str(tmp) if rank0 else None))
-        dist_checkpointing.save(_sharded_state_dict(built.chunks), str(tmp / WEIGHTS_DIR),
-                                sharded_strategy=InProcessTorchDistSaveStrategy())
+        with plain_torch():  # see plain_torch: 6,000 torch calls, none naming a device
+            dist_checkpointing.save(_sharded_state_dict(built.chunks), str(tmp / WEIGHTS_DIR),
+                                    sharded_strategy=InProcessTorchDistSaveStrategy())
         if rank0:
             save_config(config, tmp / CONFIG_FILE)
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
@@ -121,8 +125,11 @@ def bridge_meta(architecture: str, hf_config: dict[str, Any], config: Any) -> di
             "padded_vocab_size": config.padded_vocab_size()}
 
 
-def read_meta(src: str | Path) -> dict[str, Any]:
+def read_meta(src: str | Path, *, inert: bool = False) -> dict[str, Any]:
     """``hf_bridge.json`` of a checkpoint whose every file was checked first; runs before any rank starts.
+
+    ``inert=True`` (a launcher, before it starts ranks) reads ``.metadata``
+    without importing torch (see :mod:`.dcp_metadata`); the ranks read it again.
 
     Each problem is a :class:`CheckpointFormatError` naming the file (and the
     key): a missing or non-regular file, a link out of the checkpoint, bad or
@@ -145,7 +152,7 @@ def read_meta(src: str | Path) -> dict[str, Any]:
     from .dcp_metadata import read_metadata
     from .importer import TOKENIZER_FILES
 
-    read_metadata(weights)
+    read_metadata(weights, inert=inert)
     tokenizer_files(src, TOKENIZER_FILES)
     return meta
 
@@ -221,8 +228,19 @@ def keep_padding(config: Any, padded: int, tp: int) -> None:
 
 
 def load_megatron(src: str | Path, *, tp: int = 1, pp: int = 1, vp: int | None = None,
-                  pm: "PlugtronPluginManager | None" = None, parallel: Any = None) -> LoadedModel:
-    """Build the model for the requested layout and load the checkpoint into it."""
+                  pm: "PlugtronPluginManager | None" = None, parallel: Any = None,
+                  meta: dict[str, Any] | None = None) -> LoadedModel:
+    """Build the model for the requested layout and load the checkpoint into it.
+
+    ``meta``: what :func:`read_meta` returned for ``src`` in this process, when the caller already checked it.
+    """
+    from .libraries import collections_paused
+
+    with collections_paused():
+        return _load(Path(src), tp, pp, vp, pm, parallel, meta)
+
+
+def _load(src: Path, tp: int, pp: int, vp: int | None, pm: Any, parallel: Any, meta: dict[str, Any] | None) -> LoadedModel:
     from plugtron.builder import BuildOptions
     from plugtron.config import load as load_config
     from plugtron.manager import get_plugin_manager
@@ -231,8 +249,7 @@ def load_megatron(src: str | Path, *, tp: int = 1, pp: int = 1, vp: int | None =
 
     from .importer import TOKENIZER_FILES, set_layout
 
-    src = Path(src)
-    meta = read_meta(src)
+    meta = meta if meta is not None else read_meta(src)
     pm = pm or get_plugin_manager()
     config = load_config(src / CONFIG_FILE, pm)
     set_layout(config, tp, pp, vp, str(config.params_dtype).removeprefix("torch."))
@@ -262,15 +279,19 @@ def _load_chunk(chunk: Any, weights: str) -> None:
 
     from plugtron.sharding import unwrap
 
-    from .dcp_strategies import SafeCommonLoadStrategy, SafeTorchDistLoadStrategy
+    from .dcp_metadata import read_metadata
+    from .dcp_strategies import SafeCommonLoadStrategy, SafeTorchDistLoadStrategy, exact_shapes, merge_in_place
+    from .importer import plain_torch
 
     inner = unwrap(chunk)
     with checkpoint_errors():
         check_dcp_config(Path(weights))  # megatron re-reads it just below
     try:
-        loaded = dist_checkpointing.load({"chunk": inner.sharded_state_dict()}, weights,
-                                         sharded_strategy=SafeTorchDistLoadStrategy(),
-                                         common_strategy=SafeCommonLoadStrategy())
+        with plain_torch():  # see plain_torch: 8,000 torch calls, none naming a device
+            wanted = exact_shapes(merge_in_place(inner.sharded_state_dict()), read_metadata(weights))
+            loaded = dist_checkpointing.load({"chunk": wanted}, weights,
+                                             sharded_strategy=SafeTorchDistLoadStrategy(),
+                                             common_strategy=SafeCommonLoadStrategy())
     except PlugtronError:
         raise
     except (Exception, _checkpoint_exception()) as exc:

@@ -1,11 +1,15 @@
 """``plugtron convert``, ``plugtron verify`` and ``plugtron hf-demo``.
 
 Parsers are built when ``plugtron`` starts, so this module imports only
-argparse-level things; each ``run`` imports torch, megatron and transformers
-when it runs. A command that needs more than one rank first validates what it
-can in this process (config, headers, tensor table, destination), so bad input
-is a one-line error with exit code 2, and only then re-launches itself under
-torchrun.
+argparse-level things; each ``run`` imports what it needs when it runs:
+``convert`` imports torch and megatron-core (:func:`.libraries.import_megatron`)
+but never transformers unless ``--verify``; ``verify`` needs transformers.
+
+A command that needs more than one rank first validates what it can in this
+process (config, headers, tensor table, destination: :mod:`.preflight`, which
+imports none of torch, megatron or transformers), so bad input is a one-line
+error with exit code 2, and only then starts its ranks with plugtron's
+launcher. Each rank (and a one-rank command) plans once and passes the plan on.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from plugtron.cli import positive_int
 
@@ -85,18 +89,49 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
-def _on_ranks(args: argparse.Namespace, argv: list[str], work: Callable[[Any], int]) -> int:
-    """Run ``work(parallel)`` on every rank, starting the ranks (:mod:`plugtron.runtime.launcher`) when more than one is needed."""
-    from plugtron.runtime.launcher import FAILURE_TIMEOUT_S, relaunch, under_launcher
+def _launches(args: argparse.Namespace) -> bool:
+    """True in the process that must start the ranks (more than one rank, not already one of them)."""
+    from plugtron.runtime.launcher import under_launcher
 
-    world = args.tp * args.pp
-    if world > 1 and not under_launcher():
-        return relaunch(world, argv)
+    return args.tp * args.pp > 1 and not under_launcher()
+
+
+def _relaunch(args: argparse.Namespace, argv: list[str]) -> int:
+    from plugtron.runtime.launcher import relaunch
+
+    return relaunch(args.tp * args.pp, argv)
+
+
+def _parallel(args: argparse.Namespace) -> Any:
+    """This rank's process groups (:func:`plugtron.runtime.parallel.initialize_parallel`)."""
+    from plugtron.runtime.launcher import FAILURE_TIMEOUT_S
     from plugtron.runtime.parallel import initialize_parallel
 
     # plugtron.cli.main turns SIGTERM into SystemExit, so atomic writers clean up when a peer fails.
-    parallel = initialize_parallel(args.tp, args.pp, args.vp, timeout_s=FAILURE_TIMEOUT_S)
-    return work(parallel)
+    return initialize_parallel(args.tp, args.pp, args.vp, timeout_s=FAILURE_TIMEOUT_S)
+
+
+def _settle() -> None:
+    """Before a command process exits: the objects made since the imports need no collection either."""
+    from .libraries import settle
+
+    settle()
+
+
+def _check_hf(args: argparse.Namespace, pm: Any) -> Any:
+    """In a launcher: the torch-free checks (or the full plan for third-party adapters). Else: the plan."""
+    from .importer import plan_import
+    from .preflight import preflight_import
+
+    if _launches(args):
+        if not preflight_import(args.src, dtype=args.dtype, pm=pm):
+            plan_import(args.src, tp=args.tp, pp=args.pp, vp=args.vp, dtype=args.dtype, pm=pm)
+        return None
+    from .libraries import import_megatron, settle
+
+    import_megatron()
+    settle()
+    return plan_import(args.src, tp=args.tp, pp=args.pp, vp=args.vp, dtype=args.dtype, pm=pm)
 
 
 def _say(parallel: Any, text: str) -> None:
@@ -115,33 +150,47 @@ def run_convert(args: argparse.Namespace) -> int:
     refuse_existing(args.dst, args.overwrite, sources=[args.src])
     parse_size(args.max_shard_size)
     if args.to == "megatron":
-        from .importer import plan_import
-
-        plan_import(args.src, tp=args.tp, pp=args.pp, vp=args.vp, dtype=args.dtype, pm=pm)
+        prepared = _check_hf(args, pm)
     else:
-        from .checkpoint import read_meta
-
-        read_meta(args.src)
-    argv = _argv(args, "convert", [str(args.src), str(args.dst)], {
-        "--to": args.to, "--tp": args.tp, "--pp": args.pp, "--vp": args.vp, "--dtype": args.dtype,
-        "--overwrite": args.overwrite, "--max-shard-size": args.max_shard_size, "--no-progress": args.no_progress,
-        "--verify": args.verify, "--json": args.json})
+        prepared = _check_megatron(args)
+    if _launches(args):
+        return _relaunch(args, _argv(args, "convert", [str(args.src), str(args.dst)], {
+            "--to": args.to, "--tp": args.tp, "--pp": args.pp, "--vp": args.vp, "--dtype": args.dtype,
+            "--overwrite": args.overwrite, "--max-shard-size": args.max_shard_size, "--no-progress": args.no_progress,
+            "--verify": args.verify, "--json": args.json}))
     work = _to_megatron if args.to == "megatron" else _to_hf
-    return _on_ranks(args, argv, lambda parallel: work(args, pm, parallel))
+    code = work(args, pm, _parallel(args), prepared)
+    _settle()
+    return code
 
 
-def _to_megatron(args: argparse.Namespace, pm: Any, parallel: Any) -> int:
+def _check_megatron(args: argparse.Namespace) -> Any:
+    """Every file of the megatron checkpoint: inertly in a launcher (no torch), else for real (its bridge metadata)."""
+    from .checkpoint import read_meta
+
+    if _launches(args):
+        return read_meta(args.src, inert=True)
+    from .libraries import import_megatron, settle
+
+    import_megatron()
+    settle()
+    return read_meta(args.src)
+
+
+def _to_megatron(args: argparse.Namespace, pm: Any, parallel: Any, plan: Any) -> int:
     from .checkpoint import bridge_meta, save_megatron
     from .importer import import_hf
-    from .verify import verify
 
     started = time.perf_counter()
     imported = import_hf(args.src, tp=args.tp, pp=args.pp, vp=args.vp, dtype=args.dtype, pm=pm, parallel=parallel,
-                         progress=not args.no_progress)
+                         progress=not args.no_progress, plan=plan)
     plan = imported.plan
-    if args.verify and _verify_report(args, parallel, verify(args.src, imported=imported, dtype=plan.dtype_name)):
-        _say(parallel, f"not writing {args.dst}: the converted model's logits differ from transformers'")
-        return 1
+    if args.verify:
+        from .verify import verify
+
+        if _verify_report(args, parallel, verify(args.src, imported=imported, dtype=plan.dtype_name)):
+            _say(parallel, f"not writing {args.dst}: the converted model's logits differ from transformers'")
+            return 1
     save_megatron(args.dst, imported.built, plan.config, meta=bridge_meta(plan.architecture, plan.hf_config, plan.config),
                   extra_files=[plan.source / name for name in plan.tokenizer_files], overwrite=args.overwrite)
     _say(parallel, f"converted {plan.architecture} {args.src} -> megatron checkpoint {args.dst} "
@@ -149,13 +198,13 @@ def _to_megatron(args: argparse.Namespace, pm: Any, parallel: Any) -> int:
     return 0
 
 
-def _to_hf(args: argparse.Namespace, pm: Any, parallel: Any) -> int:
+def _to_hf(args: argparse.Namespace, pm: Any, parallel: Any, meta: Any) -> int:
     from .adapter import load_adapter
     from .checkpoint import load_megatron
     from .exporter import export_hf, parse_size
 
     started = time.perf_counter()
-    loaded = load_megatron(args.src, tp=args.tp, pp=args.pp, vp=args.vp, pm=pm, parallel=parallel)
+    loaded = load_megatron(args.src, tp=args.tp, pp=args.pp, vp=args.vp, pm=pm, parallel=parallel, meta=meta)
     adapter = load_adapter(loaded.meta["architecture"], pm)
     export_hf(loaded.built, loaded.config, adapter, args.dst, source_hf_config=loaded.meta.get("hf_config"),
               extra_files=loaded.tokenizer_files, dtype=args.dtype, max_shard_bytes=parse_size(args.max_shard_size),
@@ -170,22 +219,22 @@ def run_verify(args: argparse.Namespace) -> int:
     _quiet()
     from plugtron.cli import manager_for
 
-    from .importer import plan_import
-
     pm = manager_for(args)
-    plan_import(args.src, tp=args.tp, pp=args.pp, vp=args.vp, dtype=args.dtype, pm=pm)
-    argv = _argv(args, "verify", [str(args.src)], {
-        "--tp": args.tp, "--pp": args.pp, "--vp": args.vp, "--dtype": args.dtype, "--tolerance": args.tolerance,
-        "--batch": args.batch, "--seq": args.seq, "--json": args.json})
-    return _on_ranks(args, argv, lambda parallel: _verify_on_rank(args, pm, parallel))
-
-
-def _verify_on_rank(args: argparse.Namespace, pm: Any, parallel: Any) -> int:
+    plan = _check_hf(args, pm)
+    if _launches(args):
+        return _relaunch(args, _argv(args, "verify", [str(args.src)], {
+            "--tp": args.tp, "--pp": args.pp, "--vp": args.vp, "--dtype": args.dtype, "--tolerance": args.tolerance,
+            "--batch": args.batch, "--seq": args.seq, "--json": args.json}))
+    from .importer import import_hf
     from .verify import verify
 
-    report = verify(args.src, tp=args.tp, pp=args.pp, vp=args.vp, dtype=args.dtype, batch=args.batch, seq=args.seq,
-                    tolerance=args.tolerance, pm=pm, parallel=parallel)
-    return _verify_report(args, parallel, report)
+    parallel = _parallel(args)
+    imported = import_hf(args.src, pm=pm, parallel=parallel, plan=plan)
+    report = verify(args.src, dtype=args.dtype, batch=args.batch, seq=args.seq, tolerance=args.tolerance,
+                    imported=imported)
+    code = _verify_report(args, parallel, report)
+    _settle()
+    return code
 
 
 def _verify_report(args: argparse.Namespace, parallel: Any, report: Any) -> int:

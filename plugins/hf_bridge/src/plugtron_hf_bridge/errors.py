@@ -95,16 +95,39 @@ class TensorSetError(MappingError):
     """Tensors are missing, left unused or mis-shaped; *all* of them are named at once.
 
     Raised before any weight is written, so fixing a checkpoint takes one run,
-    not one run per bad tensor.  ``names`` holds every culprit.
+    not one run per bad tensor.  ``names`` holds every culprit; ``categories``
+    maps each problem to its culprits when :meth:`combined` reports several
+    problems in one error (a checkpoint with both a missing and a mis-shaped
+    tensor gets both lists, not just the first).
     """
 
     def __init__(self, problem: str, names: list[str], *, limit: int = 30) -> None:
         self.names = list(names)
-        shown = ", ".join(self.names[:limit])
-        if len(self.names) > limit:
-            shown += f" ... and {len(self.names) - limit} more"
-        super().__init__(self.names[0] if self.names else "?", f"{problem} ({len(self.names)}): {shown}")
-        self.args = (f"{problem} ({len(self.names)}): {shown}",)
+        self.categories = {problem: self.names}
+        text = _listed(problem, self.names, limit)
+        super().__init__(self.names[0] if self.names else "?", text)
+        self.args = (text,)
+
+    @classmethod
+    def combined(cls, where: str, categories: dict[str, list[str]], *, limit: int = 30) -> "TensorSetError | None":
+        """One error for every non-empty category, ``"where: problem (n): names; problem (n): names"``; None if all are empty."""
+        found = {problem: list(names) for problem, names in categories.items() if names}
+        if not found:
+            return None
+        error = cls.__new__(cls)
+        text = f"{where}: " + "; ".join(_listed(problem, names, limit) for problem, names in found.items())
+        error.names = [name for names in found.values() for name in names]
+        error.categories = found
+        MappingError.__init__(error, error.names[0], text)
+        error.args = (text,)
+        return error
 
     def __str__(self) -> str:
         return self.args[0]
+
+
+def _listed(problem: str, names: list[str], limit: int) -> str:
+    shown = ", ".join(names[:limit])
+    if len(names) > limit:
+        shown += f" ... and {len(names) - limit} more"
+    return f"{problem} ({len(names)}): {shown}"

@@ -1,11 +1,12 @@
 """megatron-core model -> HF safetensors directory, one tensor at a time.
 
 :func:`export_tensors` walks the adapter's tensor table in order on every
-rank, in lockstep: the ranks holding a tensor gather its tensor-parallel
-slices (``tp_gather``), the owning rank sends the full tensor to rank 0
-(pipeline stages other than the first), and rank 0 turns it into HF tensors
-(vocab padding cut off) and yields them. Only one full megatron tensor exists
-at a time, on rank 0.
+rank, in lockstep: the ranks holding a tensor send its tensor-parallel slices
+to the first rank of their group (:func:`.export_rows.gather_rows`), that
+owning rank sends the full tensor to rank 0 (pipeline stages other than the
+first), and rank 0 cuts it into HF tensors (vocab padding cut off) and yields
+them, as views wherever the row layout allows (:mod:`.export_rows`), until the
+writer writes them into the current shard.
 
 :func:`write_hf` is rank 0's side: shards written by
 :class:`~plugtron_hf_bridge.safetensors_io.ShardedSafetensorsWriter` into a
@@ -97,7 +98,7 @@ def export_tensors(chunks: list, config: Any, adapter: "HFAdapter", parallel: An
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from plugtron.sharding import tp_gather
+    from .export_rows import as_tensor, gather_rows, hf_tensors
 
     params = _local_params(chunks, bool(config.share_embeddings_and_output_weights))
     fused = any(n.endswith("layer_norm_weight") for n in params)
@@ -114,22 +115,21 @@ def export_tensors(chunks: list, config: Any, adapter: "HFAdapter", parallel: An
         full = None
         if key == here and name in params:
             param = params[name]
-            full = tp_gather(param.detach(), param, group, tp, blocks=builder.tp_row_blocks(name, param))
+            full = gather_rows(param.detach(), param, group, tp, builder.tp_row_blocks(name, param))
         if owner != 0:
             if parallel.rank == owner:
-                dist.send(full.contiguous().cpu(), dst=0)
+                dist.send(as_tensor(full).contiguous().cpu(), dst=0)
             elif parallel.rank == 0:
                 full = torch.empty(mapping.megatron_shape, dtype=getattr(torch, stored))
                 dist.recv(full, src=owner)
         if parallel.rank == 0:
-            for hf_name, tensor in zip(mapping.hf_names, mapping.to_hf(full.cpu())):
-                yield hf_name, tensor if dtype is None else tensor.to(dtype)
+            yield from hf_tensors(mapping, full, dtype)
 
 
-def write_hf(dst: str | Path, tensors: Iterable[tuple[str, "torch.Tensor"]], hf_config: dict[str, Any], *,
+def write_hf(dst: str | Path, tensors: Iterable[tuple[str, "torch.Tensor"]], hf_config: dict[str, Any] | str, *,
              extra_files: Iterable[Path] = (), max_shard_bytes: int = 5 * 10**9, overwrite: bool = False,
              total: int | None = None, progress: bool = False) -> Path:
-    """Write an HF checkpoint directory atomically (rank 0 only)."""
+    """Write an HF checkpoint directory atomically (rank 0 only); ``hf_config``: a dict or the config.json text."""
     from plugtron._atomic import atomic_output_dir
 
     from .safetensors_io import ShardedSafetensorsWriter
@@ -139,7 +139,7 @@ def write_hf(dst: str | Path, tensors: Iterable[tuple[str, "torch.Tensor"]], hf_
         with ShardedSafetensorsWriter(tmp, max_shard_bytes=max_shard_bytes) as writer:
             for name, tensor in _progress(tensors, progress, total):
                 writer.add(name, tensor)
-        (tmp / "config.json").write_text(config_json(hf_config))
+        (tmp / "config.json").write_text(hf_config if isinstance(hf_config, str) else config_json(hf_config))
         for path in extra_files:
             shutil.copy2(path, tmp / path.name)
     return dst
@@ -149,11 +149,21 @@ def export_hf(built: Any, config: Any, adapter: "HFAdapter", dst: str | Path, *,
               extra_files: Iterable[Path] = (), dtype: str | None = None, max_shard_bytes: int = 5 * 10**9,
               overwrite: bool = False, progress: bool = False) -> Path | None:
     """Export a built model (all ranks call it); returns the destination on rank 0."""
+    from .libraries import collections_paused
+
+    refuse_existing(dst, overwrite)
+    with collections_paused():
+        return _export(built, config, adapter, dst, source_hf_config, extra_files, dtype, max_shard_bytes, overwrite,
+                       progress)
+
+
+def _export(built: Any, config: Any, adapter: "HFAdapter", dst: str | Path, source_hf_config: dict | None,
+            extra_files: Iterable[Path], dtype: str | None, max_shard_bytes: int, overwrite: bool,
+            progress: bool) -> Path | None:
     import torch.distributed as dist
 
     from .importer import torch_dtype
 
-    refuse_existing(dst, overwrite)
     cast = torch_dtype(dtype) if dtype else None
     parallel = built.context.parallel
     tensors = export_tensors(built.chunks, config, adapter, parallel, built.context.builder, cast)
@@ -163,7 +173,7 @@ def export_hf(built: Any, config: Any, adapter: "HFAdapter", dst: str | Path, *,
                 pass
         dist.barrier()
         return None
-    hf_config = hf_config_for(adapter, config, source_hf_config, dtype or _dtype_name(config))
+    hf_config = config_text(adapter, config, source_hf_config, dtype or _dtype_name(config))
     total = sum(len(m.hf_names) for m in adapter.tensor_mappings(config)) if progress else None
     try:
         with plain_torch():
@@ -175,12 +185,32 @@ def export_hf(built: Any, config: Any, adapter: "HFAdapter", dst: str | Path, *,
     return out
 
 
+def config_text(adapter: "HFAdapter", config: Any, source: dict | None, dtype_name: str) -> str:
+    """The config.json to write: the source's own, when it still describes the model, else a generated one.
+
+    Why: regenerating goes through transformers' config classes (1.5-3.5 s of
+    imports here); a converted model whose megatron config still matches its
+    source config.json (the adapter's ``describes``) gets that file back with
+    only its dtype updated, which is also what its owner wrote.
+    """
+    describes = getattr(adapter, "describes", None)
+    if source is not None and describes is not None and describes(config, source):
+        out = {**source, "architectures": [adapter.architecture]}
+        _set_dtype(out, dtype_name)
+        return json.dumps(out, indent=2, sort_keys=True) + "\n"
+    return config_json(hf_config_for(adapter, config, source, dtype_name))
+
+
+def _set_dtype(hf_config: dict[str, Any], dtype_name: str) -> None:
+    hf_config["dtype"] = dtype_name
+    if "torch_dtype" in hf_config:  # older files spell it this way; keep both consistent
+        hf_config["torch_dtype"] = dtype_name
+
+
 def hf_config_for(adapter: "HFAdapter", config: Any, source: dict | None, dtype_name: str) -> dict[str, Any]:
     """The adapter's config.json, keeping the source's token ids etc.; the dtype says what was written."""
     out = adapter.config_to_hf(config, passthrough=source)
-    out["dtype"] = dtype_name
-    if "torch_dtype" in out:  # older files spell it this way; keep both consistent
-        out["torch_dtype"] = dtype_name
+    _set_dtype(out, dtype_name)
     return out
 
 
@@ -202,6 +232,6 @@ def _dtype_name(config: Any) -> str:
 def _progress(items: Iterable, show: bool, total: int | None) -> Iterable:
     if not show:
         return items
-    from tqdm import tqdm
+    from .progress import progress
 
-    return tqdm(items, total=total, desc="export", unit="tensor", leave=False)
+    return progress(items, "export", total=total)

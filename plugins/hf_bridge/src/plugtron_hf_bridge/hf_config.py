@@ -8,24 +8,24 @@ numbers but is silently ignored produces a converted model that loads, runs
 and is subtly wrong.  So every key of the HF config must either be understood
 here or be on :data:`NON_NUMERIC_KEYS`; anything else raises
 :class:`UnsupportedConfigError` naming the key.  Missing keys take the
-defaults of the transformers config class, exactly as ``AutoConfig`` would.
+defaults of the transformers config class, exactly as ``AutoConfig`` would
+(:mod:`.hf_defaults` holds them, so reading a config never imports transformers;
+writing one from megatron fields, :func:`from_megatron_fields`, still does).
 """
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
 from plugtron.untrusted import read_json, regular_file_inside
 
 from .errors import CheckpointFormatError, UnsupportedConfigError, checkpoint_errors
+from .hf_defaults import GPT2, LLAMA, MISTRAL, QWEN2, QWEN3
+from .hf_defaults import resolve as resolve_defaults
 from .rope import need_value as _need
 from .rope import rope_fields_from_hf, rope_parameters_to_hf
 
-LLAMA, MISTRAL, QWEN2, QWEN3, GPT2 = (
-    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "GPT2LMHeadModel",
-)
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = (LLAMA, MISTRAL, QWEN2, QWEN3, GPT2)
 _MODEL_TYPES = {"llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2, "qwen3": QWEN3, "gpt2": GPT2}
 _CONFIG_CLASSES = {LLAMA: "LlamaConfig", MISTRAL: "MistralConfig", QWEN2: "Qwen2Config", QWEN3: "Qwen3Config", GPT2: "GPT2Config"}
@@ -117,23 +117,12 @@ def architecture_of(hf_config: dict[str, Any], source: str | None = None) -> str
     return arch
 
 
-def _hf_view(arch: str, cfg: dict[str, Any], source: str | None) -> Any:
-    """The transformers config object for ``cfg``: it resolves defaults and derived values
-    (``head_dim``, ``num_key_value_heads``, Qwen's ``layer_types``) exactly as the model will."""
-    import transformers
-
-    try:
-        return getattr(transformers, _CONFIG_CLASSES[arch]).from_dict(copy.deepcopy(cfg))
-    except Exception as exc:  # transformers validates some values itself
-        raise UnsupportedConfigError("config", f"transformers rejects it as a {arch} config: {exc}", source=source) from exc
-
-
 class _Keys:
     """Config reader that records every key it consumed, so leftovers can be rejected."""
 
     def __init__(self, cfg: dict[str, Any], arch: str, source: str | None) -> None:
         self.cfg, self.arch, self.source, self.used = cfg, arch, source, set()
-        self.hf = _hf_view(arch, cfg, source)
+        self.values = resolve_defaults(arch, cfg, source)
 
     def raw(self, key: str) -> Any:
         """The value in the file, or None when absent (no default)."""
@@ -141,9 +130,9 @@ class _Keys:
         return self.cfg.get(key)
 
     def get(self, key: str) -> Any:
-        """The value as transformers resolves it (file value, else class default or derived)."""
+        """The value as transformers resolves it (file value, else class default or derived; :mod:`.hf_defaults`)."""
         self.used.add(key)
-        return getattr(self.hf, key, self.cfg.get(key))
+        return self.values.get(key)
 
     def fail(self, key: str, problem: str) -> UnsupportedConfigError:
         return UnsupportedConfigError(key, problem, source=self.source)
@@ -172,7 +161,7 @@ def _activation(k: _Keys, key: str) -> str:
 def _reject_sliding_window(k: _Keys, num_layers: int) -> None:
     window = k.get("sliding_window")  # transformers already nulls it when use_sliding_window is false
     k.used.update({"use_sliding_window", "max_window_layers", "layer_types"})
-    layer_types = getattr(k.hf, "layer_types", None)
+    layer_types = k.values.get("layer_types")
     if layer_types is not None:
         if len(layer_types) != num_layers or set(layer_types) - {"full_attention", "sliding_attention"}:
             raise k.fail("layer_types", f"{layer_types} must list full_attention/sliding_attention for {num_layers} layers")

@@ -7,8 +7,8 @@ Two phases, so that a bad checkpoint fails before any weight is written:
    ``pm.converter("hf", architecture)``, translate the config, validate every
    safetensors header, and check the tensor table against the checkpoint:
    missing tensors, unused tensors, wrong shapes and non-floating dtypes are
-   reported all at once. Side files to copy along must be regular files inside
-   the source directory.
+   reported all at once, in one error (:func:`.preflight.check_table`). Side
+   files to copy along must be regular files inside the source directory.
 2. :func:`import_hf`: build through the shared pipeline on the meta device
    with a ``load_weights`` hook (:class:`ShardLoader`) that reads, per
    parameter, only the rows/columns this rank holds: whole query groups of
@@ -26,8 +26,9 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from .adapter import HFAdapter, load_adapter
-from .errors import ConversionError, TensorSetError, UnsupportedConfigError
+from .errors import TensorSetError, UnsupportedConfigError
 from .hf_config import architecture_of, read_hf_config
+from .preflight import DTYPES, check_dtype_name, check_table, stored_dtype  # noqa: F401 - DTYPES re-exported
 
 if TYPE_CHECKING:
     import torch
@@ -37,7 +38,6 @@ if TYPE_CHECKING:
 
     from .mappings import TensorMapping
 
-DTYPES = ("float32", "bfloat16", "float16")
 EMBEDDING = "embedding.word_embeddings.weight"
 OUTPUT = "output_layer.weight"
 #: Files a tokenizer (and generation) needs; copied along when the source has them.
@@ -69,10 +69,9 @@ class ImportedModel:
 
 def torch_dtype(name: str) -> "torch.dtype":
     """``"bfloat16"`` -> ``torch.bfloat16``; anything but float32/bfloat16/float16 is an error."""
+    check_dtype_name(name)
     import torch
 
-    if name not in DTYPES:
-        raise ConversionError(f"dtype {name!r} is not supported; choose one of {', '.join(DTYPES)}")
     return getattr(torch, name)
 
 
@@ -91,8 +90,7 @@ def plan_import(src: str | Path, *, tp: int = 1, pp: int = 1, vp: int | None = N
     """Validate ``src`` completely and describe the conversion (phase 1)."""
     from .safetensors_io import SafetensorsCheckpoint
 
-    if dtype is not None:
-        torch_dtype(dtype)
+    check_dtype_name(dtype)
     source = Path(src)
     hf_config = read_hf_config(source)
     where = str(source / "config.json")
@@ -105,8 +103,7 @@ def plan_import(src: str | Path, *, tp: int = 1, pp: int = 1, vp: int | None = N
         set_layout(config, tp, pp, vp, dtype_name)
         config.finalize()
         mappings = adapter.tensor_mappings(config)
-        unused = check_checkpoint(ckpt, mappings, adapter, config)
-        check_dtypes(ckpt, mappings, dtype_name)
+        unused = check_table(ckpt, mappings, lambda name: adapter.tolerated_unused(name, config), dtype_name, arch)
     return ImportPlan(source, hf_config, arch, adapter, config, dtype_name, unused, tokenizer)
 
 
@@ -125,24 +122,6 @@ def side_files(source: Path) -> list[str]:
         return [name for name in TOKENIZER_FILES if regular_file_inside(source, name, required=False)]
 
 
-def stored_dtype(ckpt: Any, source: Path) -> str:
-    """The floating dtype holding most bytes of the checkpoint: what the model keeps unless told otherwise."""
-    import math
-
-    totals: dict[str, int] = {}
-    for name in ckpt.names():
-        info = ckpt.info(name)
-        if info.dtype.is_floating_point:
-            key = str(info.dtype).removeprefix("torch.")
-            totals[key] = totals.get(key, 0) + math.prod(info.shape) * info.dtype.itemsize
-    if not totals:
-        raise ConversionError(f"{source}: the checkpoint holds no floating-point tensors")
-    name = max(totals, key=totals.__getitem__)
-    if name not in DTYPES:
-        raise ConversionError(f"{source}: weights are stored as {name}; pass --dtype with one of {', '.join(DTYPES)}")
-    return name
-
-
 def set_layout(config: Any, tp: int, pp: int, vp: int | None, dtype_name: str) -> None:
     """Parallel layout and parameter dtype; bf16/fp16 also switch megatron's mixed-precision flags."""
     config.tensor_model_parallel_size = tp
@@ -155,56 +134,34 @@ def set_layout(config: Any, tp: int, pp: int, vp: int | None, dtype_name: str) -
     config.pipeline_dtype = dtype if pp > 1 else None
 
 
-def check_checkpoint(ckpt: Any, mappings: "list[TensorMapping]", adapter: HFAdapter, config: Any) -> list[str]:
-    """Strict name and shape check of the whole table; returns the tolerated unused names."""
-    needed = {name: shape for m in mappings for name, shape in zip(m.hf_names, m.hf_shapes)}
-    available = set(ckpt.names())
-    missing = sorted(set(needed) - available)
-    if missing:
-        raise TensorSetError(f"{ckpt.directory}: tensors the {adapter.architecture} table needs are missing", missing)
-    extra = sorted(available - set(needed))
-    unused = [name for name in extra if not adapter.tolerated_unused(name, config)]
-    if unused:
-        raise TensorSetError(f"{ckpt.directory}: tensors present but used by no mapping", unused)
-    wrong = [f"{name} {ckpt.shape(name)} != {shape}" for name, shape in needed.items() if ckpt.shape(name) != shape]
-    if wrong:
-        raise TensorSetError(f"{ckpt.directory}: tensor shapes differ from what config.json implies", wrong)
-    return extra
-
-
-def check_dtypes(ckpt: Any, mappings: "list[TensorMapping]", dtype_name: str) -> None:
-    """Every tensor the table loads becomes a floating-point parameter, so it must be stored as one.
-
-    An integer or bool tensor (I32 where F32 belongs has the same byte size, so
-    nothing else notices) would be reinterpreted or cast into garbage weights.
-    All such tensors are named at once, with file and both dtypes.
-    """
-    wrong = []
-    for name in sorted({n for m in mappings for n in m.hf_names}):
-        info = ckpt.info(name)
-        if not info.dtype.is_floating_point:
-            stored = str(info.dtype).removeprefix("torch.")
-            wrong.append(f"{name} in {info.file.name} is stored as {stored} (the model holds it as {dtype_name})")
-    if wrong:
-        raise TensorSetError(f"{ckpt.directory}: tensors stored with a non-floating dtype where a float weight belongs", wrong)
-
-
 def import_hf(src: str | Path, *, tp: int = 1, pp: int = 1, vp: int | None = None, dtype: str | None = None,
-              pm: "PlugtronPluginManager | None" = None, parallel: Any = None, progress: bool = False) -> ImportedModel:
-    """Plan, then build the model with this rank's slices loaded (phase 2)."""
-    from plugtron.builder import BuildOptions
+              pm: "PlugtronPluginManager | None" = None, parallel: Any = None, progress: bool = False,
+              plan: ImportPlan | None = None) -> ImportedModel:
+    """Plan (unless ``plan``, made for the same arguments, is given), then build the model with this rank's
+    slices loaded (phase 2)."""
     from plugtron.manager import get_plugin_manager
+
+    from .libraries import collections_paused
+
+    pm = pm or get_plugin_manager()
+    with collections_paused():
+        return _import(src, tp, pp, vp, dtype, pm, parallel, progress, plan)
+
+
+def _import(src: str | Path, tp: int, pp: int, vp: int | None, dtype: str | None, pm: Any, parallel: Any,
+            progress: bool, plan: ImportPlan | None) -> ImportedModel:
+    from plugtron.builder import BuildOptions
     from plugtron.pipeline import build_model
     from plugtron.runtime.parallel import initialize_parallel
 
     from .safetensors_io import SafetensorsCheckpoint
 
-    pm = pm or get_plugin_manager()
-    plan = plan_import(src, tp=tp, pp=pp, vp=vp, dtype=dtype, pm=pm)
+    plan = plan or plan_import(src, tp=tp, pp=pp, vp=vp, dtype=dtype, pm=pm)
     parallel = parallel or initialize_parallel(tp, pp, vp)
     with SafetensorsCheckpoint(plan.source) as ckpt:
         loader = ShardLoader(plan, ckpt, parallel, progress)
         try:
+            # meta build: the pipeline skips megatron's CPU init (plugtron.pipeline.stages), the loader fills every weight
             built = build_model(plan.config, parallel=parallel, options=BuildOptions(meta_device=True, load_weights=loader), pm=pm)
         finally:
             loader.reader.close()
@@ -260,10 +217,10 @@ class ShardLoader:
             if tuple(param.shape) != expected:
                 wrong.append(f"{name} {tuple(param.shape)} != {expected}")
             jobs.append((name, param, mapping))
-        if missing:
-            raise TensorSetError("megatron parameters that no HF tensor maps to", missing)
-        if wrong:
-            raise TensorSetError("megatron parameter shapes differ from the tensor table", wrong)
+        error = TensorSetError.combined("the model built", {"megatron parameters that no HF tensor maps to": missing,
+                                                            "megatron parameter shapes differ from the tensor table": wrong})
+        if error is not None:
+            raise error
         return jobs
 
     def _local_shape(self, name: str, param: Any, full: tuple[int, ...]) -> tuple[int, ...]:
@@ -363,6 +320,6 @@ def _split_rows(pieces: Any, start: int, stop: int) -> Any:
 def _progress(items: list, show: bool, desc: str) -> Any:
     if not show:
         return items
-    from tqdm import tqdm
+    from .progress import progress
 
-    return tqdm(items, desc=desc, unit="tensor", leave=False)
+    return progress(items, desc)

@@ -21,20 +21,21 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 from .errors import MappingError
 from .hf_config import GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, SUPPORTED_ARCHITECTURES
 from .pieces import Piece, pieces_for
 
-Tensor = torch.Tensor
+if TYPE_CHECKING:  # the tables are built without torch: a launcher validates a checkpoint before any rank imports it
+    from torch import Tensor
 
 
 # ---------------------------------------------------------------- pure repacking functions
 def pack_qkv(q: Tensor, k: Tensor, v: Tensor, num_query_groups: int, head_dim: int, name: str = "linear_qkv") -> Tensor:
     """Interleave separate q/k/v (weights ``[rows, hidden]`` or biases ``[rows]``) per query group."""
+    import torch
+
     g, d = num_query_groups, head_dim
     if q.shape[0] % (g * d) or k.shape[0] != g * d or v.shape[0] != g * d or not q.shape[1:] == k.shape[1:] == v.shape[1:]:
         raise MappingError(name, f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit {g} groups of head_dim {d}")
@@ -59,6 +60,8 @@ def unpack_qkv(qkv: Tensor, num_query_groups: int, head_dim: int, name: str = "l
 
 def pack_gate_up(gate: Tensor, up: Tensor, name: str = "linear_fc1") -> Tensor:
     """megatron's gated ``linear_fc1`` is ``[gate; up]`` along the output rows."""
+    import torch
+
     if gate.shape != up.shape:
         raise MappingError(name, f"gate {tuple(gate.shape)} and up {tuple(up.shape)} differ")
     return torch.cat([gate, up], dim=0)
@@ -89,11 +92,15 @@ def gpt2_c_attn_to_qkv(c_attn: Tensor, num_heads: int, head_dim: int) -> Tensor:
 
 
 def qkv_to_gpt2_c_attn(qkv: Tensor, num_heads: int, head_dim: int) -> Tensor:
+    import torch
+
     rows = torch.cat(unpack_qkv(qkv, num_heads, head_dim), dim=0)
     return linear_to_conv1d(rows) if rows.dim() == 2 else rows
 
 
 def pad_vocab(weight: Tensor, padded_size: int) -> Tensor:
+    import torch
+
     if weight.shape[0] > padded_size:
         raise MappingError("word_embeddings", f"{weight.shape[0]} vocab rows exceed the padded size {padded_size}")
     return torch.cat([weight, weight.new_zeros(padded_size - weight.shape[0], *weight.shape[1:])], dim=0)
@@ -223,8 +230,34 @@ def _transforms(kind: str, s: dict[str, int], meg_name: str) -> tuple[Callable[[
     raise AssertionError(f"unknown mapping kind {kind!r}")
 
 
+def megatron_shape(kind: str, hf_shapes: tuple[tuple[int, ...], ...], sym: dict[str, int], name: str) -> tuple[int, ...]:
+    """The megatron tensor's shape for HF tensors of ``hf_shapes``, by the rules of :func:`_transforms`.
+
+    Worked out from the shapes instead of running the transform on meta
+    tensors, so building a table needs no torch. The one layout the packing
+    would refuse (query heads not a multiple of the groups) is refused here
+    alike; ``test_hfb_mappings`` checks every kind against the real transforms.
+    """
+    first = hf_shapes[0]
+    if kind == "vocab":
+        return (sym["Vp"], *first[1:])
+    if kind in ("qkv", "c_attn"):
+        groups = sym["G"] if kind == "qkv" else sym["NH"]
+        if sym["NH"] % groups:
+            raise MappingError(name, f"{sym['NH']} query heads cannot be split into {groups} groups")
+        if kind == "c_attn":
+            return first[::-1]
+        return (sum(shape[0] for shape in hf_shapes), *first[1:])
+    if kind == "gate_up":
+        return (2 * first[0], *first[1:])
+    if kind == "conv1d":
+        return first[::-1]
+    return first
+
+
 def _checked(hf_names: tuple[str, ...], meg_name: str, hf_shapes: tuple[tuple[int, ...], ...],
-             fwd: Callable[[list[Tensor]], Tensor], bwd: Callable[[Tensor], list[Tensor]]) -> TensorMapping:
+             fwd: Callable[[list[Tensor]], Tensor], bwd: Callable[[Tensor], list[Tensor]],
+             kind: str, sym: dict[str, int]) -> TensorMapping:
     def check(name: str, t: Tensor, shape: tuple[int, ...]) -> None:
         if tuple(t.shape) != shape:
             raise MappingError(name, f"has shape {tuple(t.shape)}, the config implies {shape}")
@@ -236,7 +269,7 @@ def _checked(hf_names: tuple[str, ...], meg_name: str, hf_shapes: tuple[tuple[in
             check(n, t, shape)
         return fwd(list(ts))
 
-    meg_shape = tuple(fwd([torch.empty(shape, device="meta") for shape in hf_shapes]).shape)
+    meg_shape = megatron_shape(kind, hf_shapes, sym, meg_name)
 
     def to_hf(t: Tensor) -> list[Tensor]:
         check(meg_name, t, meg_shape)
@@ -271,7 +304,7 @@ def mapping_for(architecture: str, fields: dict[str, Any], te_fused_norms: bool 
         meg = rule.megatron.format(i=i, **norms)
         fwd, bwd = _transforms(rule.kind, sym, meg)
         names = tuple(n.format(i=i) for n in rule.hf)
-        mapping = _checked(names, meg, shapes, fwd, bwd)
+        mapping = _checked(names, meg, shapes, fwd, bwd, rule.kind, sym)
         out.append(dataclasses.replace(mapping, pieces=pieces_for(rule.kind, names, shapes, sym)))
     _assert_unique(out)
     return out
