@@ -138,3 +138,28 @@ def test_failed_megatron_save_leaves_nothing(tmp_path, plugtron_single_rank, pm,
     with pytest.raises(OSError, match="injected"):
         save_megatron(tmp_path / "meg", imported.built, plan.config, meta=bridge_meta(plan.architecture, plan.hf_config, plan.config))
     assert _leftovers(tmp_path) == []
+
+
+def test_conversion_entry_points_take_per_call_wrap_hooks(tmp_path, plugtron_single_rank, pm) -> None:
+    """import_hf and load_megatron pass pre/post-wrap hooks to build_model: pre sees the meta chunks
+    before loading, post the loaded model (e.g. to freeze or inspect it before export)."""
+    import torch
+
+    seen: list[tuple[str, str]] = []
+
+    def pre(chunks, config, context):
+        seen.append(("pre", chunks[0].embedding.word_embeddings.weight.device.type))
+
+    def post(chunks, config, context):
+        seen.append(("post", chunks[0].embedding.word_embeddings.weight.device.type))
+
+    src = make_hf(tmp_path / "hf", "LlamaForCausalLM", layers=2)
+    imported = import_hf(src, pm=pm, parallel=plugtron_single_rank, pre_wrap_hooks=[pre], post_wrap_hooks=[post])
+    assert seen == [("pre", "meta"), ("post", "cpu")]
+    plan = imported.plan
+    meg = save_megatron(tmp_path / "meg", imported.built, plan.config, meta=bridge_meta(plan.architecture, plan.hf_config, plan.config))
+    seen.clear()
+    loaded = load_megatron(meg, pm=pm, parallel=plugtron_single_rank, pre_wrap_hooks=[pre], post_wrap_hooks=[post])
+    assert seen == [("pre", "meta"), ("post", "cpu")]
+    weight = loaded.built.chunks[0].embedding.word_embeddings.weight
+    assert torch.equal(weight, imported.built.chunks[0].embedding.word_embeddings.weight)

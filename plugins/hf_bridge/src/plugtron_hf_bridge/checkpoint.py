@@ -34,7 +34,7 @@ import io
 import json
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import attrs
 
@@ -229,18 +229,21 @@ def keep_padding(config: Any, padded: int, tp: int) -> None:
 
 def load_megatron(src: str | Path, *, tp: int = 1, pp: int = 1, vp: int | None = None,
                   pm: "PlugtronPluginManager | None" = None, parallel: Any = None,
-                  meta: dict[str, Any] | None = None) -> LoadedModel:
+                  meta: dict[str, Any] | None = None, pre_wrap_hooks: Sequence[Any] = (),
+                  post_wrap_hooks: Sequence[Any] = ()) -> LoadedModel:
     """Build the model for the requested layout and load the checkpoint into it.
 
     ``meta``: what :func:`read_meta` returned for ``src`` in this process, when the caller already checked it.
+    ``pre_wrap_hooks`` / ``post_wrap_hooks``: as for :func:`plugtron.pipeline.build_model`.
     """
     from .libraries import collections_paused
 
     with collections_paused():
-        return _load(Path(src), tp, pp, vp, pm, parallel, meta)
+        return _load(Path(src), tp, pp, vp, pm, parallel, meta, (pre_wrap_hooks, post_wrap_hooks))
 
 
-def _load(src: Path, tp: int, pp: int, vp: int | None, pm: Any, parallel: Any, meta: dict[str, Any] | None) -> LoadedModel:
+def _load(src: Path, tp: int, pp: int, vp: int | None, pm: Any, parallel: Any, meta: dict[str, Any] | None,
+          hooks: tuple[Sequence[Any], Sequence[Any]]) -> LoadedModel:
     from plugtron.builder import BuildOptions
     from plugtron.config import load as load_config
     from plugtron.manager import get_plugin_manager
@@ -258,7 +261,8 @@ def _load(src: Path, tp: int, pp: int, vp: int | None, pm: Any, parallel: Any, m
     parallel = parallel or initialize_parallel(tp, pp, vp)
     weights = str(src / WEIGHTS_DIR)
     options = BuildOptions(meta_device=True, load_weights=lambda chunk, context: _load_chunk(chunk, weights))
-    built = build_model(config, parallel=parallel, options=options, pm=pm)
+    built = build_model(config, parallel=parallel, options=options, pm=pm, pre_wrap_hooks=hooks[0],
+                        post_wrap_hooks=hooks[1])
     return LoadedModel(built, config, meta, tokenizer_files(src, TOKENIZER_FILES))
 
 

@@ -21,7 +21,7 @@ Two phases, so that a bad checkpoint fails before any weight is written:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import attrs
 
@@ -136,20 +136,26 @@ def set_layout(config: Any, tp: int, pp: int, vp: int | None, dtype_name: str) -
 
 def import_hf(src: str | Path, *, tp: int = 1, pp: int = 1, vp: int | None = None, dtype: str | None = None,
               pm: "PlugtronPluginManager | None" = None, parallel: Any = None, progress: bool = False,
-              plan: ImportPlan | None = None) -> ImportedModel:
+              plan: ImportPlan | None = None, pre_wrap_hooks: Sequence[Any] = (),
+              post_wrap_hooks: Sequence[Any] = ()) -> ImportedModel:
     """Plan (unless ``plan``, made for the same arguments, is given), then build the model with this rank's
-    slices loaded (phase 2)."""
+    slices loaded (phase 2).
+
+    ``pre_wrap_hooks`` / ``post_wrap_hooks`` go to :func:`plugtron.pipeline.build_model` (same order
+    guarantees); pre-wrap hooks see the chunks before the weights are loaded (they are still on the meta
+    device), post-wrap hooks the loaded, wrapped model.
+    """
     from plugtron.manager import get_plugin_manager
 
     from .libraries import collections_paused
 
     pm = pm or get_plugin_manager()
     with collections_paused():
-        return _import(src, tp, pp, vp, dtype, pm, parallel, progress, plan)
+        return _import(src, tp, pp, vp, dtype, pm, parallel, progress, plan, (pre_wrap_hooks, post_wrap_hooks))
 
 
 def _import(src: str | Path, tp: int, pp: int, vp: int | None, dtype: str | None, pm: Any, parallel: Any,
-            progress: bool, plan: ImportPlan | None) -> ImportedModel:
+            progress: bool, plan: ImportPlan | None, hooks: tuple[Sequence[Any], Sequence[Any]]) -> ImportedModel:
     from plugtron.builder import BuildOptions
     from plugtron.pipeline import build_model
     from plugtron.runtime.parallel import initialize_parallel
@@ -162,7 +168,8 @@ def _import(src: str | Path, tp: int, pp: int, vp: int | None, dtype: str | None
         loader = ShardLoader(plan, ckpt, parallel, progress)
         try:
             # meta build: the pipeline skips megatron's CPU init (plugtron.pipeline.stages), the loader fills every weight
-            built = build_model(plan.config, parallel=parallel, options=BuildOptions(meta_device=True, load_weights=loader), pm=pm)
+            built = build_model(plan.config, parallel=parallel, options=BuildOptions(meta_device=True, load_weights=loader), pm=pm,
+                                pre_wrap_hooks=hooks[0], post_wrap_hooks=hooks[1])
         finally:
             loader.reader.close()
     loader.check_coverage()
