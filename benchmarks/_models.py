@@ -128,3 +128,32 @@ def build_direct(shape: dict[str, Any], parallel: Any) -> Any:
 def count_params(modules: Any) -> int:
     modules = modules if isinstance(modules, (list, tuple)) else [modules]
     return sum(p.numel() for m in modules for p in m.parameters())
+
+
+def direct_step(model: Any, batch: dict[str, Any], after: Any = None) -> Any:
+    """One forward+backward of ``model`` on ``batch`` through megatron's own schedule, as a user calling
+    megatron-core directly would write it (the reference side of the training benchmarks)."""
+    import torch
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    micro_batch_size, seq_length = batch["tokens"].shape
+
+    def forward_step(data_iterator: Any, module: Any) -> Any:
+        data = next(data_iterator)
+        output = module(input_ids=data["tokens"], position_ids=data["position_ids"], attention_mask=None, labels=data["labels"])
+
+        def loss_func(output_tensor: torch.Tensor) -> Any:
+            loss = output_tensor.float().mean()
+            return loss, {"loss": loss.detach()}
+
+        return output, loss_func
+
+    def step() -> None:
+        get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter([batch]), model=model, num_microbatches=1,
+            seq_length=seq_length, micro_batch_size=micro_batch_size, forward_only=False,
+        )
+        if after is not None:
+            after()
+
+    return step

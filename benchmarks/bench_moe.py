@@ -196,32 +196,14 @@ def _plugtron_step(parallel: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
 
 
 def _direct_step(parallel: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
-    import torch
-    from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+
+    import _models
 
     config = _config(SMALL_MOE).finalize()
     model = _direct_model(config, _builder(config), parallel)
-    micro_batch_size, seq_length = batch["tokens"].shape
-
-    def forward_step(data_iterator: Any, module: Any) -> Any:
-        data = next(data_iterator)
-        output = module(input_ids=data["tokens"], position_ids=data["position_ids"], attention_mask=None, labels=data["labels"])
-
-        def loss_func(output_tensor: torch.Tensor) -> Any:
-            loss = output_tensor.float().mean()
-            return loss, {"loss": loss.detach()}
-
-        return output, loss_func
-
-    def step() -> None:
-        get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter([batch]), model=model, num_microbatches=1,
-            seq_length=seq_length, micro_batch_size=micro_batch_size, forward_only=False,
-        )
-        clear_aux_losses_tracker()  # megatron's training loop clears it when it logs; plugtron's step does too
-
-    return step, (lambda: model.zero_grad(set_to_none=True))
+    # megatron's training loop clears the aux-loss tracker when it logs; plugtron's step does too
+    return _models.direct_step(model, batch, after=clear_aux_losses_tracker), (lambda: model.zero_grad(set_to_none=True))
 
 
 def worker_tokens(batch_size: int, warmup: int, steps: int, direct_first: bool) -> dict[str, Any]:

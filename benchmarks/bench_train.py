@@ -45,31 +45,10 @@ def _plugtron_side(spec: dict[str, Any], parallel: Any, batch: dict[str, Any]) -
 
 
 def _direct_side(spec: dict[str, Any], parallel: Any, batch: dict[str, Any]) -> tuple[Any, Any, int]:
-    import torch
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     import _models
 
     model = _models.build_direct(spec, parallel)
-    micro_batch_size, seq_length = batch["tokens"].shape
-
-    def forward_step(data_iterator: Any, module: Any) -> Any:
-        data = next(data_iterator)
-        output = module(input_ids=data["tokens"], position_ids=data["position_ids"], attention_mask=None, labels=data["labels"])
-
-        def loss_func(output_tensor: torch.Tensor) -> Any:
-            loss = output_tensor.float().mean()
-            return loss, {"loss": loss.detach()}
-
-        return output, loss_func
-
-    def step() -> None:
-        get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter([batch]), model=model, num_microbatches=1,
-            seq_length=seq_length, micro_batch_size=micro_batch_size, forward_only=False,
-        )
-
-    return step, (lambda: model.zero_grad(set_to_none=True)), _models.count_params(model)
+    return _models.direct_step(model, batch), (lambda: model.zero_grad(set_to_none=True)), _models.count_params(model)
 
 
 def worker_paired(shape: str, batch_size: int, warmup: int, steps: int, direct_first: bool = False) -> dict[str, Any]:
