@@ -105,7 +105,8 @@ def private_tmpdir(prefix: str = "plugtron-") -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A loopback TCP port free right now (the rendezvous of a one-machine job)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -212,7 +213,7 @@ def launch(nproc: int, module: str, argv: Sequence[str], *, timeout_s: float | N
         (run_dir / "errors").mkdir()
         (run_dir / "tmp").mkdir()
         env = safe_env(WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1",
-                       MASTER_PORT=str(_free_port()), TMPDIR=str(run_dir / "tmp"), **{_ERROR_DIR: str(run_dir / "errors")})
+                       MASTER_PORT=str(free_port()), TMPDIR=str(run_dir / "tmp"), **{_ERROR_DIR: str(run_dir / "errors")})
         ranks = _Ranks(_start(nproc, python_command(module, argv), env, logs))
         code = _watch(ranks, timeout_s)
         message = first_error(run_dir / "errors")

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 from typing import Any
 
 import attrs
 
 from plugtron.errors import PipelineError
+from plugtron.runtime.launcher import free_port
 
 
 @attrs.frozen
@@ -65,12 +65,6 @@ class ParallelContext:
         return parallel_state.get_data_parallel_rank()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _init_process_group(backend: str, timeout: datetime.timedelta) -> None:
     import torch.distributed as dist
 
@@ -79,7 +73,7 @@ def _init_process_group(backend: str, timeout: datetime.timedelta) -> None:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         dist.init_process_group(backend=backend, timeout=timeout)
         return
-    port = _free_port()
+    port = free_port()
     dist.init_process_group(
         backend=backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, timeout=timeout
     )

@@ -85,17 +85,24 @@ def architecture_from(hf_config: dict[str, Any], source: str) -> str:
     return architecture_of(hf_config, source)
 
 
-def plan_import(src: str | Path, *, tp: int = 1, pp: int = 1, vp: int | None = None, dtype: str | None = None,
-                pm: "PlugtronPluginManager | None" = None) -> ImportPlan:
-    """Validate ``src`` completely and describe the conversion (phase 1)."""
-    from .safetensors_io import SafetensorsCheckpoint
-
+def identify_source(src: str | Path, dtype: str | None,
+                    pm: "PlugtronPluginManager | None") -> tuple[Path, dict[str, Any], str, str, HFAdapter]:
+    """The first checks of an HF checkpoint, shared by the plan and the launcher's torch-free preflight:
+    (directory, config.json, its path for messages, architecture, adapter)."""
     check_dtype_name(dtype)
     source = Path(src)
     hf_config = read_hf_config(source)
     where = str(source / "config.json")
     arch = architecture_from(hf_config, where)
-    adapter = load_adapter(arch, pm)
+    return source, hf_config, where, arch, load_adapter(arch, pm)
+
+
+def plan_import(src: str | Path, *, tp: int = 1, pp: int = 1, vp: int | None = None, dtype: str | None = None,
+                pm: "PlugtronPluginManager | None" = None) -> ImportPlan:
+    """Validate ``src`` completely and describe the conversion (phase 1)."""
+    from .safetensors_io import SafetensorsCheckpoint
+
+    source, hf_config, where, arch, adapter = identify_source(src, dtype, pm)
     config = adapter.config_from_hf(hf_config, source=where)
     tokenizer = side_files(source)
     with SafetensorsCheckpoint(source) as ckpt:

@@ -96,18 +96,13 @@ def preflight_import(src: str | Path, *, dtype: str | None = None,
     Raises the same errors :func:`~.importer.plan_import` raises for the config
     file, the architecture, the headers, the tensor table and the side files.
     """
-    from .adapter import GPTAdapter, load_adapter, tolerated_unused
-    from .hf_config import read_hf_config, to_megatron_fields
-    from .importer import architecture_from, side_files
+    from .adapter import GPTAdapter, tolerated_unused
+    from .hf_config import to_megatron_fields
+    from .importer import identify_source, side_files
     from .mappings import mapping_for
     from .safetensors_header import SafetensorsIndex
 
-    check_dtype_name(dtype)
-    source = Path(src)
-    hf_config = read_hf_config(source)
-    where = str(source / "config.json")
-    arch = architecture_from(hf_config, where)
-    adapter = load_adapter(arch, pm)
+    source, hf_config, where, arch, adapter = identify_source(src, dtype, pm)
     if type(adapter) is not GPTAdapter:
         return False
     fields = to_megatron_fields(hf_config, arch, source=where)
