@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
-from .errors import UnsupportedConfigError
+from plugtron.conversion import UnsupportedConfigError
 
 #: megatron-core's llama-3 RoPE scaling hard-codes these values (only the factor is configurable).
 MEGATRON_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
@@ -40,11 +40,13 @@ def _yarn_concentration(factor: float, mscale: float | None, mscale_all_dim: flo
 
 
 def rope_fields_from_hf(raw: Callable[[str], Any], fail: Callable[[str, str], Exception], max_pos: int,
-                        arch: str) -> dict[str, Any]:
+                        arch: str, *, partial_rotary: bool = False) -> dict[str, Any]:
     """Megatron RoPE fields from an HF config.
 
     ``raw(key)`` returns the config value as written (None when absent) and marks
     the key as consumed; ``fail(key, problem)`` builds the error to raise.
+    ``partial_rotary``: whether the architecture applies ``partial_rotary_factor``
+    (megatron's ``rotary_percent``); where it does not, a factor below 1 is refused.
     Handles both ``rope_parameters`` (transformers 5) and the older
     ``rope_scaling`` + top-level ``rope_theta`` spelling.
     """
@@ -63,7 +65,7 @@ def rope_fields_from_hf(raw: Callable[[str], Any], fail: Callable[[str, str], Ex
     top_theta, top_partial = raw("rope_theta"), raw("partial_rotary_factor")
     theta = merged.pop("rope_theta", None) or top_theta or DEFAULT_ROPE_THETA
     partial = merged.pop("partial_rotary_factor", None) or top_partial
-    if partial not in (None, 1, 1.0):
+    if partial not in (None, 1, 1.0) and not partial_rotary:
         raise fail("partial_rotary_factor", f"is {partial}; partial rotary embeddings are not supported for {arch}")
     missing = object()
 
@@ -73,7 +75,7 @@ def rope_fields_from_hf(raw: Callable[[str], Any], fail: Callable[[str, str], Ex
             raise fail(f"{src}.{key}", f"required for rope_type {rope_type!r} but missing")
         return default if value is None else value
 
-    out: dict[str, Any] = {"position_embedding_type": "rope", "rotary_base": theta, "rotary_percent": 1.0,
+    out: dict[str, Any] = {"position_embedding_type": "rope", "rotary_base": theta, "rotary_percent": float(partial or 1.0),
                            "rope_scaling": False, "seq_len_interpolation_factor": None}
     if rope_type == "linear":
         out["seq_len_interpolation_factor"] = float(take("factor"))
@@ -103,10 +105,16 @@ def rope_fields_from_hf(raw: Callable[[str], Any], fail: Callable[[str, str], Ex
     return out
 
 
-def rope_parameters_to_hf(f: dict[str, Any], arch: str) -> dict[str, Any]:
-    """HF ``rope_parameters`` for megatron fields ``f`` (rope or yarn position embeddings)."""
-    need_value(f, "rotary_percent", (1, 1.0), arch, 1.0)
+def rope_parameters_to_hf(f: dict[str, Any], arch: str, *, partial_rotary: bool = False) -> dict[str, Any]:
+    """HF ``rope_parameters`` for megatron fields ``f`` (rope or yarn position embeddings).
+
+    With ``partial_rotary`` a ``rotary_percent`` below 1 is written as ``partial_rotary_factor``.
+    """
+    if not partial_rotary:
+        need_value(f, "rotary_percent", (1, 1.0), arch, 1.0)
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": f.get("rotary_base", DEFAULT_ROPE_THETA)}
+    if partial_rotary and f.get("rotary_percent", 1.0) != 1.0:
+        rope["partial_rotary_factor"] = f["rotary_percent"]
     interp = f.get("seq_len_interpolation_factor")
     if interp is not None and (f.get("rope_scaling") or f["position_embedding_type"] == "yarn"):
         raise UnsupportedConfigError("seq_len_interpolation_factor", "cannot be combined with llama-3 or YaRN scaling in HF")

@@ -2,12 +2,12 @@
 
 A megatron tensor is described as a concatenation, along its dim 0, of
 :class:`Piece` objects: a row range of one HF tensor (read as stored, or
-transposed for GPT-2's ``Conv1D`` ``[in, out]`` weights), or zero rows (vocab
+transposed for ``Conv1D`` ``[in, out]`` weights), or zero rows (vocab
 padding).  With that description a tensor-parallel rank can compute which
 bytes of which HF tensors make up *its* shard and read only those, instead of
 materialising the full tensor and slicing it (see :mod:`.importer`).  The
 pieces are derived from the same mapping kinds as the pure repacking functions
-in :mod:`.mappings`, and a test checks both give identical tensors.
+in :mod:`.packing`, and a test checks both give identical tensors.
 """
 
 from __future__ import annotations
@@ -44,26 +44,33 @@ def pieces_for(kind: str, hf_names: Sequence[str], hf_shapes: Sequence[tuple[int
         return tuple(Piece(n, 0, s[0]) for n, s in zip(hf_names, hf_shapes))
     if kind == "qkv":
         return tuple(_qkv_pieces(hf_names, sym))
-    if kind == "conv1d":
+    if kind == "fused_qkv":
+        q, k, v = (hf_names[0],) * 3
+        return tuple(_qkv_pieces((q, k, v), sym, k_start=sym["Q"], v_start=sym["Q"] + sym["KV"]))
+    if kind == "transposed":
         return (Piece(first, 0, shape[1], transposed=True),)
-    if kind == "c_attn":
+    if kind == "transposed_qkv":
         return tuple(_c_attn_pieces(first, len(shape) == 2, sym))
     return None
 
 
-def _qkv_pieces(names: Sequence[str], sym: dict[str, int]) -> Iterator[Piece]:
-    """Per query group g: its q heads, then its k head, then its v head."""
+def _qkv_pieces(names: Sequence[str], sym: dict[str, int], k_start: int = 0, v_start: int = 0) -> Iterator[Piece]:
+    """Per query group g: its q heads, then its k head, then its v head.
+
+    ``k_start``/``v_start`` are where k and v begin in their tensor: 0 for
+    separate tensors, after q (and k) for one fused ``[q; k; v]`` tensor.
+    """
     q, k, v = names
     groups, d = sym["G"], sym["D"]
     q_rows = sym["Q"] // groups
     for g in range(groups):
         yield Piece(q, g * q_rows, q_rows)
-        yield Piece(k, g * d, d)
-        yield Piece(v, g * d, d)
+        yield Piece(k, k_start + g * d, d)
+        yield Piece(v, v_start + g * d, d)
 
 
 def _c_attn_pieces(name: str, is_weight: bool, sym: dict[str, int]) -> Iterator[Piece]:
-    """GPT-2 ``c_attn`` is ``[q | k | v]`` along its output dim; megatron wants per-head blocks."""
+    """A transposed ``[q | k | v]`` (GPT-2 ``c_attn``): megatron wants per-head blocks."""
     hidden, d = sym["NH"] * sym["D"], sym["D"]
     for h in range(sym["NH"]):
         for part in range(3):

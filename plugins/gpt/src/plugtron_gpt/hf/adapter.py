@@ -1,0 +1,171 @@
+"""What the HF engine loads for a GPT-family architecture: :class:`GPTAdapter`.
+
+The engine (``plugtron-hf-bridge``) finds an adapter through the plugin
+manager (``pm.converter("hf", architecture)``, registered by this family's
+``plugtron_register_converters``) and never imports this package. The adapter
+answers the engine's questions from an :class:`~.architecture.HFArchitecture`:
+config translation both ways, the tensor table for a finalized config, which
+tensors may sit unused in a checkpoint, which transformers class to verify
+against. Everything here but :meth:`GPTAdapter.config_from_hf` runs without
+torch, so a launcher checks a checkpoint before any rank starts
+(:meth:`GPTAdapter.torch_free_table`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+from plugtron.conversion import ConfigReader, UnsupportedConfigError, expand
+
+from .architecture import Fields, HFArchitecture
+
+if TYPE_CHECKING:
+    from plugtron.conversion import TensorMapping
+
+#: Tensors full or old HF checkpoints may contain that carry no parameters (recomputed buffers).
+BUFFER_SUFFIXES = (".rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")
+
+#: megatron fields beyond the plain pre-norm decoder, each at its default. An architecture that
+#: expresses one lists it in ``HFArchitecture.expresses``; for any other architecture a
+#: non-default value cannot be written to HF and export refuses it by name.
+SPECIAL_FIELDS: dict[str, Any] = {
+    "apply_residual_connection_post_layernorm": False, "layernorm_zero_centered_gamma": False,
+    "rotary_interleaved": False, "num_moe_experts": None, "multi_latent_attention": False,
+    "softmax_scale": None, "window_size": None, "apply_query_key_layer_scaling": False,
+}
+
+_NORM_NAMES = {  # local spec vs transformer-engine fused spec
+    False: {"in_w": "input_layernorm.weight", "in_b": "input_layernorm.bias",
+            "mlp_w": "pre_mlp_layernorm.weight", "mlp_b": "pre_mlp_layernorm.bias"},
+    True: {"in_w": "self_attention.linear_qkv.layer_norm_weight", "in_b": "self_attention.linear_qkv.layer_norm_bias",
+           "mlp_w": "mlp.linear_fc1.layer_norm_weight", "mlp_b": "mlp.linear_fc1.layer_norm_bias"},
+}
+
+
+def symbols(f: Fields, padded_vocab: int) -> dict[str, int]:
+    """The shape symbols of GPT tables (see :mod:`plugtron.conversion.table`) for megatron fields ``f``."""
+    heads, hidden = f["num_attention_heads"], f["hidden_size"]
+    d = f.get("kv_channels") or hidden // heads
+    groups = f.get("num_query_groups") or heads
+    return {"H": hidden, "V": f["vocab_size"], "Vp": padded_vocab, "D": d, "Q": heads * d, "KV": groups * d,
+            "QKV": (heads + 2 * groups) * d, "Q3": 3 * heads * d, "F": f["ffn_hidden_size"], "F2": 2 * f["ffn_hidden_size"],
+            "P": f.get("seq_length", 0), "G": groups, "NH": heads}
+
+
+class GPTAdapter:
+    """HF <-> plugtron ``gpt`` family for one :class:`~.architecture.HFArchitecture`."""
+
+    family = "gpt"
+
+    def __init__(self, architecture: HFArchitecture) -> None:
+        self.spec = architecture
+        self.architecture = architecture.name
+        self.model_type = architecture.model_type
+        self.hf_model_class = architecture.hf_model_class
+
+    def __repr__(self) -> str:
+        return f"GPTAdapter({self.architecture!r})"
+
+    # -- config ------------------------------------------------------------------------
+    def to_fields(self, hf_config: dict[str, Any], *, source: str | None = None) -> Fields:
+        """megatron config fields equivalent to ``hf_config``; raises on anything not reproducible."""
+        model_type = hf_config.get("model_type")
+        if model_type is not None and model_type != self.spec.model_type:
+            raise UnsupportedConfigError("model_type", f"{model_type!r} does not match architecture {self.architecture}",
+                                         source=source)
+        reader = ConfigReader(hf_config, self.spec.schema, self.architecture, source)
+        fields = self.spec.read(reader)
+        reader.reject_leftovers()
+        return fields
+
+    def fields_to_hf(self, fields: Fields, passthrough: dict[str, Any] | None = None) -> dict[str, Any]:
+        """An HF config dict (loadable with ``AutoConfig``) for megatron ``fields``.
+
+        ``passthrough`` (typically the original HF config) contributes only its
+        non-numeric keys such as token ids, which megatron fields do not carry.
+        """
+        import transformers
+
+        from plugtron.conversion import NON_NUMERIC_KEYS
+
+        self.check_expressible(fields)
+        out = getattr(transformers, self.spec.config_class)(**self.spec.write(fields)).to_dict()
+        for key, value in (passthrough or {}).items():
+            if key in NON_NUMERIC_KEYS and key not in ("architectures", "model_type", "transformers_version"):
+                out[key] = value
+        out["architectures"] = [self.architecture]
+        return out
+
+    def check_expressible(self, fields: Fields) -> None:
+        """Every special field this architecture cannot express at its default, the sizes present."""
+        for key, default in SPECIAL_FIELDS.items():
+            if key not in self.spec.expresses and fields.get(key, default) != default:
+                raise UnsupportedConfigError(key, f"is {fields[key]!r}; {self.architecture} cannot express anything but {default!r}")
+        for key in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "seq_length"):
+            if fields.get(key) is None:
+                raise UnsupportedConfigError(key, "required to build an HF config but missing")
+
+    def config_from_hf(self, hf_config: dict[str, Any], *, source: str | None = None) -> Any:
+        from .fields import gpt_config_from_fields
+
+        return gpt_config_from_fields(self.to_fields(hf_config, source=source))
+
+    def config_to_hf(self, config: Any, *, passthrough: dict[str, Any] | None = None) -> dict[str, Any]:
+        from .fields import fields_from_gpt_config
+
+        return self.fields_to_hf(fields_from_gpt_config(config), passthrough)
+
+    def describes(self, config: Any, hf_config: dict[str, Any]) -> bool:
+        """Whether ``hf_config`` translates to exactly the model ``config`` holds.
+
+        Why: the exporter then writes that config.json back as it was (only
+        ``dtype`` updated) instead of regenerating it through transformers'
+        config classes, which cost 1.5-3.5 s to import.
+        """
+        from plugtron.conversion import ConversionError
+
+        from .fields import fields_from_gpt_config
+
+        try:
+            wanted = self.to_fields(hf_config)
+        except ConversionError:
+            return False
+        have = fields_from_gpt_config(config)
+        return (all(k in have and have[k] == v for k, v in wanted.items())
+                and all(have.get(k, d) == d for k, d in SPECIAL_FIELDS.items() if k not in wanted))
+
+    # -- tensors -----------------------------------------------------------------------
+    def mappings(self, fields: Fields, *, te_fused_norms: bool = False,
+                 padded_vocab_size: int | None = None) -> "list[TensorMapping]":
+        """The tensor table expanded for megatron ``fields`` (no torch needed)."""
+        from plugtron.conversion import MappingError
+
+        for key in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "ffn_hidden_size"):
+            if fields.get(key) is None:
+                raise MappingError(self.architecture, f"config field '{key}' is required to build the tensor table")
+        sym = symbols(fields, padded_vocab_size or fields["vocab_size"])
+        return expand(self.spec.table, fields, sym, fields["num_layers"], _NORM_NAMES[bool(te_fused_norms)])
+
+    def tensor_mappings(self, config: Any, *, te_fused_norms: bool = False) -> "list[TensorMapping]":
+        from .fields import fields_from_gpt_config
+
+        return self.mappings(fields_from_gpt_config(config), te_fused_norms=te_fused_norms,
+                             padded_vocab_size=config.padded_vocab_size())
+
+    def tolerated_unused(self, name: str, config: Any) -> bool:
+        return tolerated_unused(name, bool(config.share_embeddings_and_output_weights))
+
+    def torch_free_table(self, hf_config: dict[str, Any], *,
+                         source: str | None = None) -> "tuple[list[TensorMapping], Callable[[str], bool]]":
+        """The table and the tolerated-unused test straight from ``config.json``, without torch.
+
+        The launcher checks a checkpoint with these before any rank imports torch.
+        """
+        fields = self.to_fields(hf_config, source=source)
+        tied = bool(fields["share_embeddings_and_output_weights"])
+        return self.mappings(fields), lambda name: tolerated_unused(name, tied)
+
+
+def tolerated_unused(name: str, tied: bool) -> bool:
+    """A tied model's ``lm_head.weight`` (full state dicts keep it) and recomputed buffers (``inv_freq`` ...)."""
+    return (tied and name == "lm_head.weight") or name.endswith(BUFFER_SUFFIXES)

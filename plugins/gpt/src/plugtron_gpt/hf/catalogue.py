@@ -1,0 +1,67 @@
+"""The Hugging Face architectures the GPT family converts: one module each, listed here once.
+
+``plugin.py`` registers a converter record per entry without importing the
+modules (plugin discovery stays cheap); the functions below are the same
+translation keyed by architecture name, for tests, benchmarks and scripts.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from plugtron.conversion import UnsupportedConfigError
+
+#: architecture -> (module under ``plugtron_gpt.hf``, one-line description for ``plugtron plugins``)
+ARCHITECTURES: dict[str, tuple[str, str]] = {
+    "LlamaForCausalLM": ("llama", "Llama / Llama-2 / Llama-3 (RoPE incl. llama3 and linear scaling)"),
+    "MistralForCausalLM": ("mistral", "Mistral without active sliding-window attention"),
+    "Qwen2ForCausalLM": ("qwen2", "Qwen2 / Qwen2.5 (qkv bias, YaRN)"),
+    "Qwen3ForCausalLM": ("qwen3", "Qwen3 dense (q/k layer norms)"),
+    "GPT2LMHeadModel": ("gpt2", "GPT-2 (learned positions, LayerNorm, GeLU-tanh)"),
+}
+
+
+def adapter_path(architecture: str) -> str:
+    return f"plugtron_gpt.hf.{ARCHITECTURES[architecture][0]}:ADAPTER"
+
+
+def adapter(architecture: str) -> Any:
+    """The built-in :class:`~.adapter.GPTAdapter` of ``architecture``."""
+    if architecture not in ARCHITECTURES:
+        raise UnsupportedConfigError("architectures", f"{architecture!r} is not one of {sorted(ARCHITECTURES)}")
+    return importlib.import_module(f"plugtron_gpt.hf.{ARCHITECTURES[architecture][0]}").ADAPTER
+
+
+def architecture_of(hf_config: dict[str, Any], source: str | None = None) -> str:
+    """The built-in architecture ``architectures`` names, else the one of ``model_type``."""
+    archs = hf_config.get("architectures") or []
+    if archs:
+        found = [a for a in archs if a in ARCHITECTURES]
+        if len(found) != 1:
+            raise UnsupportedConfigError("architectures", f"{archs} must name exactly one of {sorted(ARCHITECTURES)}",
+                                         source=source)
+        return found[0]
+    by_type = {adapter(a).model_type: a for a in ARCHITECTURES}
+    if hf_config.get("model_type") not in by_type:
+        raise UnsupportedConfigError("model_type", f"{hf_config.get('model_type')!r} is not one of {sorted(by_type)}",
+                                     source=source)
+    return by_type[hf_config["model_type"]]
+
+
+def to_megatron_fields(hf_config: dict[str, Any], architecture: str | None = None, *,
+                       source: str | None = None) -> dict[str, Any]:
+    """megatron config fields for ``hf_config`` (architecture from the file unless given)."""
+    return adapter(architecture or architecture_of(hf_config, source)).to_fields(hf_config, source=source)
+
+
+def from_megatron_fields(fields: dict[str, Any], architecture: str,
+                         passthrough: dict[str, Any] | None = None) -> dict[str, Any]:
+    """An HF config dict for megatron ``fields`` (imports transformers for the config class)."""
+    return adapter(architecture).fields_to_hf(fields, passthrough)
+
+
+def mapping_for(architecture: str, fields: dict[str, Any], te_fused_norms: bool = False,
+                padded_vocab_size: int | None = None) -> list[Any]:
+    """The tensor table of ``architecture`` expanded for megatron ``fields``."""
+    return adapter(architecture).mappings(fields, te_fused_norms=te_fused_norms, padded_vocab_size=padded_vocab_size)
