@@ -72,9 +72,10 @@ def test_torch_norm_supports_sequence_parallelism(tiny_config) -> None:
     config.normalization = "LayerNorm"
     norm = cpu.TorchNorm(config=config, hidden_size=8)
     assert type(norm) is torch.nn.LayerNorm and [p.sequence_parallel for p in norm.parameters()] == [True, True]
-    config.layernorm_zero_centered_gamma = True
-    with pytest.raises(ValueError, match="zero_centered_gamma"):
-        cpu.TorchNorm(config=config, hidden_size=8)
+    config.layernorm_zero_centered_gamma = True  # (1 + w): Nemotron's LayerNorm1P, weights start at 0
+    norm = cpu.TorchNorm(config=config, hidden_size=8)
+    assert type(norm) is cpu.ZeroCenteredLayerNorm and torch.count_nonzero(norm.weight) == 0
+    assert all(p.sequence_parallel for p in norm.parameters())
 
 
 def test_mla_knows_transformer_engine_is_absent(runtime) -> None:

@@ -36,8 +36,8 @@ project notes have the measurements); :func:`enable` installs each, and
   compilation per process on this machine for a ``+=``; it runs eagerly here.
 
 :class:`TorchNorm` is not a shim but a module layer specs use on any device: a
-torch LayerNorm/RMSNorm that supports sequence parallelism as
-transformer-engine's norms do (megatron's own torch norm refuses it).
+torch LayerNorm/RMSNorm that supports sequence parallelism and zero-centred
+gamma as transformer-engine's norms do (megatron's own torch norm refuses both).
 """
 
 from __future__ import annotations
@@ -298,6 +298,29 @@ def _remove_moe_shims() -> None:
 
 
 # -- a norm with sequence parallelism ------------------------------------------------------
+class ZeroCenteredRMSNorm(torch.nn.RMSNorm):
+    """RMSNorm scaling by ``1 + weight`` (initialised to 0) as Gemma's: in float32, cast back once."""
+
+    def reset_parameters(self) -> None:
+        torch.nn.init.zeros_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (h * (1.0 + self.weight.float())).type_as(x)
+
+
+class ZeroCenteredLayerNorm(torch.nn.LayerNorm):
+    """Nemotron's LayerNorm1P: ``layer_norm(x, weight + 1, bias)`` in the input dtype, weight initialised to 0."""
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        torch.nn.init.zeros_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.layer_norm(x, self.normalized_shape, self.weight + 1.0, self.bias, self.eps)
+
+
 class TorchNorm:
     """torch ``LayerNorm``/``RMSNorm`` (per ``config.normalization``) that allows sequence parallelism.
 
@@ -306,23 +329,27 @@ class TorchNorm:
     gradients. Like transformer-engine's norms, the parameters are marked
     ``sequence_parallel``: megatron's ``finalize_model_grads`` (DDP) and
     :mod:`plugtron.training` (plain chunks) then sum them over the TP group.
-    Used for the layers, the final norm and the q/k/kv norms of MoE and MLA
-    models (heads are split over TP there, which needs the same sum). The
-    module returned is the plain torch class, so state dicts are unchanged.
+    ``sum_grads_over_tp=True`` marks them whatever the config says: per-head q/k
+    norms see only this rank's heads, so their grads are partial at any TP > 1.
+    The module is the plain torch class (state dicts unchanged), or with
+    ``layernorm_zero_centered_gamma`` :class:`ZeroCenteredRMSNorm` /
+    :class:`ZeroCenteredLayerNorm` (same parameter names, weights start at 0).
     """
 
-    def __new__(cls, config: Any, hidden_size: int, eps: float = 1e-5, **_: Any) -> torch.nn.Module:  # type: ignore[misc]
-        if getattr(config, "layernorm_zero_centered_gamma", False):
-            raise ValueError("the torch norm does not implement layernorm_zero_centered_gamma")
+    def __new__(  # type: ignore[misc]
+        cls, config: Any, hidden_size: int, eps: float = 1e-5, sum_grads_over_tp: bool = False, **_: Any
+    ) -> torch.nn.Module:
+        zero = bool(getattr(config, "layernorm_zero_centered_gamma", False))
         normalization = getattr(config, "normalization", "LayerNorm")
         if normalization == "LayerNorm":
-            norm: torch.nn.Module = torch.nn.LayerNorm(hidden_size, eps=eps, dtype=config.params_dtype)
+            kind: type = ZeroCenteredLayerNorm if zero else torch.nn.LayerNorm
         elif normalization == "RMSNorm":
-            norm = torch.nn.RMSNorm(hidden_size, eps=eps, dtype=config.params_dtype)
+            kind = ZeroCenteredRMSNorm if zero else torch.nn.RMSNorm
         else:
             raise ValueError(f"the torch norm supports LayerNorm and RMSNorm, not {normalization!r}")
+        norm: torch.nn.Module = kind(hidden_size, eps=eps, dtype=config.params_dtype)
         for param in norm.parameters():
-            param.sequence_parallel = bool(config.sequence_parallel)
+            param.sequence_parallel = bool(config.sequence_parallel) or sum_grads_over_tp
         return norm
 
 

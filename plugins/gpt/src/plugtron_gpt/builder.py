@@ -20,9 +20,29 @@ class GPTModelBuilder(LanguageModelBuilder):
     _pm: "PlugtronPluginManager | None" = None
 
     def select_spec(self, pm: "PlugtronPluginManager") -> "SpecChoice":
-        """Remember the manager: :meth:`layer_spec` asks its plugins for MoE replacements."""
+        """Remember the manager (:meth:`layer_spec` asks its plugins for MoE replacements).
+
+        With ``auto``, a spec that lacks an architecture variant the config
+        uses is skipped like an unavailable one (:mod:`plugtron_gpt.features`);
+        a named spec is refused by its factory instead.
+        """
         self._pm = pm
-        return super().select_spec(pm)
+        choice = super().select_spec(pm)
+        from plugtron_gpt.features import unsupported
+
+        if self.config.layer_spec != "auto" or not unsupported(self.config, choice.info.name):
+            return choice
+        from plugtron.layer_specs import SpecChoice, describe_specs
+
+        skipped = []
+        for info, available in describe_specs(pm, self.config.family):
+            missing = unsupported(self.config, info.name)
+            if available.ok and not missing:
+                reason = f"auto: best available implementing the config ({available.reason}); skipped " + "; ".join(skipped)
+                self.spec_choice = SpecChoice(info, reason)
+                return self.spec_choice
+            skipped.append(f"{info.name}: " + (f"lacks {missing[0][0]}" if missing else available.reason))
+        return choice  # none fits: the chosen factory names the missing variant
 
     def layer_spec(self) -> Any:
         """The chosen factory's spec, with the MoE parts plugins replace (``plugtron_moe_submodules``)."""
@@ -61,6 +81,9 @@ class GPTModelBuilder(LanguageModelBuilder):
         kwargs = self.language_model_kwargs(pre_process=pre_process, post_process=post_process, pg_collection=pg_collection)
         with self._construction():
             model = self._gpt_model(kwargs, layer_spec, vp_stage)
+        from plugtron_gpt import model_hooks
+
+        model_hooks.install(model, cfg)
         if cfg.is_mla():
             from plugtron_gpt import mla
 

@@ -23,6 +23,14 @@ Which settings :meth:`GPTModelConfig.validate` rejects, and why:
   interleaved YaRN or mrope, an ``mrope_section`` that does not cover the rotary
   dimension) are rejected before any tensor exists.
 
+Architecture variants (Gemma, Granite, Olmo2, Glm4 ...: soft-capping, sliding
+windows, post-norms, multipliers, full-width q/k norms, a local RoPE base) are
+family fields plus megatron's ``window_size``, ``window_attn_skip_freq``,
+``layernorm_zero_centered_gamma`` and ``softmax_scale``; their semantics and
+rules are in :mod:`plugtron_gpt.variant_rules`, which layer specs build them in
+:mod:`plugtron_gpt.features`. With ``qk_norm_scope: full`` the live megatron
+config carries ``qk_layernorm=False`` (see :attr:`GPTModelConfig.qk_layernorm`).
+
 Mixture-of-Experts and Multi-Latent Attention (the rules are in
 :mod:`plugtron_gpt.moe_rules`, with the reason of each):
 
@@ -102,6 +110,28 @@ class GPTModelConfig(LanguageModelConfig):
     yarn_mscale: float = 1.0
     yarn_mscale_all_dim: float = 0.0
     yarn_correction_range_round_to_int: bool = True
+    # Architecture variants (Gemma, Granite, Olmo2, Glm4 ...): semantics in plugtron_gpt.variant_rules
+    # and plugins/gpt/README.md; which layer specs implement them in plugtron_gpt.features.
+    attention_softcap: float | None = None
+    final_logit_softcap: float | None = None
+    logits_divisor: float | None = None
+    embedding_multiplier: float | None = None
+    embedding_multiplier_cast: bool = False
+    norm_placement: str = "pre"
+    residual_multiplier: float | None = None
+    qk_norm_scope: str = "head"
+    rotary_base_local: float | None = None
+
+    @property
+    def qk_layernorm(self) -> bool:
+        """Whether q/k are normalised, as set (megatron's live config says False for ``qk_norm_scope='full'``).
+
+        megatron's ``finalize_model_grads`` sums the grads of every parameter
+        named ``q_layernorm``/``k_layernorm`` over TP when its config has
+        ``qk_layernorm``; full-width q/k norm weights are TP shards, so the
+        live config must not say it (see :meth:`megatron_kwargs`).
+        """
+        return bool(self._get("qk_layernorm", False))
 
     def rotary_dim(self) -> int:
         """Channels per head that RoPE rotates: int(kv_channels x rotary_percent), as megatron computes it.
@@ -135,6 +165,9 @@ class GPTModelConfig(LanguageModelConfig):
             from plugtron_gpt.moe_rules import mla_rope_kwargs
 
             kwargs.update(mla_rope_kwargs(self))
+        from plugtron_gpt.variant_rules import variant_kwargs
+
+        kwargs.update(variant_kwargs(self, kwargs))
         return kwargs
 
     def transformer_config_path(self) -> str:
@@ -159,6 +192,9 @@ class GPTModelConfig(LanguageModelConfig):
         moe_rules.check_moe(self)
         moe_rules.check_mla(self)
         moe_rules.check_tensor_parallel(self)
+        from plugtron_gpt import variant_rules
+
+        variant_rules.check_variants(self)
 
     def _is_default(self, name: str) -> bool:
         return getattr(self, name) == attrs.fields_dict(type(self))[name].default

@@ -47,6 +47,8 @@ class MatchingSpecProvider(LocalSpecProvider):
     def __init__(self, layer_spec: Any) -> None:
         submodules = _last_layer_spec(layer_spec).submodules
         self._norm = submodules.input_layernorm
+        if self._norm is IdentityOp:  # no pre-norms (norm_placement 'post'): the block's final norm class
+            self._norm = getattr(layer_spec, "layer_norm", None) or IdentityOp
         attention = submodules.self_attention.submodules
         # GQA attention has linear_qkv; Multi-Latent Attention has no fused QKV, its
         # up projections are the layer's column-parallel linears.

@@ -7,6 +7,12 @@ the choice on a GPU machine). The MTP block
 copies the chosen layer spec and takes its norms and linears from the same
 backend (see :mod:`plugtron_gpt.mtp`).
 
+The ``torch`` spec is always a block spec (its final norm must be
+:class:`plugtron.runtime.cpu.TorchNorm` too) of the variant layer that
+:mod:`plugtron_gpt.torch_layer` builds: it implements every architecture
+variant of :mod:`plugtron_gpt.variant_rules`; every factory refuses the
+variants its spec lacks (:mod:`plugtron_gpt.features`).
+
 Mixture-of-Experts and Multi-Latent Attention models get a *block* spec: one
 layer spec per global layer (dense or MoE by ``moe_layer_freq``) and the final
 norm; the builder keeps the layers of each pipeline stage
@@ -34,6 +40,7 @@ from typing import Any
 
 from plugtron import Availability
 from plugtron.availability import gpu_modules
+from plugtron_gpt.features import require
 
 
 def te_available() -> Availability:
@@ -63,24 +70,22 @@ def _moe_or_mla(config: Any) -> bool:
 def local_spec(config: Any) -> Any:
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
+    require(config, "local")
     if _moe_or_mla(config):
         return _block_spec(config, "local")
     return get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization=config.normalization)
 
 
 def torch_spec(config: Any) -> Any:
-    from plugtron_gpt.attention import SDPACoreAttention
-
-    if _moe_or_mla(config):
-        return _block_spec(config, "torch")
-    spec = local_spec(config)
-    spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
-    return spec
+    """Always a block spec: the final norm must be :class:`~plugtron.runtime.cpu.TorchNorm` too."""
+    require(config, "torch")
+    return _block_spec(config, "torch")
 
 
 def te_spec(config: Any) -> Any:
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
+    require(config, "te")
     if _moe_or_mla(config):
         return _block_spec(config, "te")
     return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
@@ -89,6 +94,7 @@ def te_spec(config: Any) -> Any:
 def te_full_spec(config: Any) -> Any:
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
+    require(config, "te_full")
     if _moe_or_mla(config):
         from plugtron.errors import LayerSpecError
 
@@ -136,7 +142,6 @@ def _norm_class(backend: str) -> Any:
 def _cpu_layer_spec(config: Any, backend: str, *, moe: bool) -> Any:
     """One layer on megatron's local modules, with the substitutions the module doc lists."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer.identity_op import IdentityOp
 
     from plugtron_gpt.attention import SDPACoreAttention
 
@@ -154,15 +159,10 @@ def _cpu_layer_spec(config: Any, backend: str, *, moe: bool) -> Any:
         attention.linear_q_down_proj = linear
         attention.linear_kv_down_proj = linear
         attention.core_attention = SDPACoreAttention
-    elif backend == "torch":
-        attention.core_attention = SDPACoreAttention
     if backend == "torch":
-        norm = _norm_class("torch")
-        layer.input_layernorm = norm
-        layer.pre_mlp_layernorm = norm
-        for name in ("q_layernorm", "k_layernorm", "kv_layernorm"):
-            if getattr(attention, name, IdentityOp) is not IdentityOp:
-                setattr(attention, name, norm)
+        from plugtron_gpt.torch_layer import torch_layer_spec
+
+        return torch_layer_spec(spec, config)
     return spec
 
 
@@ -207,6 +207,7 @@ def stage_block_spec(spec: Any, config: Any, vp_stage: int | None) -> Any:
 def modelopt_spec(config: Any) -> Any:
     from megatron.core.post_training.modelopt.gpt.model_specs import get_gpt_modelopt_spec
 
+    require(config, "modelopt")
     return get_gpt_modelopt_spec(config=config.transformer, remap_te_layernorm=True)
 
 
