@@ -143,8 +143,7 @@ def make_checkpoint(directory: str, shape: str) -> dict[str, Any]:
     import torch
     import transformers
 
-    from plugtron_hf_bridge.mappings import expected_hf_names, mapping_for
-    from plugtron_hf_bridge.hf_config import to_megatron_fields
+    from plugtron_gpt.hf.catalogue import mapping_for, to_megatron_fields
     from plugtron_hf_bridge.safetensors_io import ShardedSafetensorsWriter
 
     hidden, layers, heads, kv, ffn, vocab = SHAPES[shape]
@@ -158,7 +157,7 @@ def make_checkpoint(directory: str, shape: str) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(0)
     out = Path(directory)
     with ShardedSafetensorsWriter(out, max_shard_bytes=shard_bytes(total)) as writer:
-        for name in expected_hf_names("LlamaForCausalLM", fields):
+        for name in shapes:  # the table's order: globals, then layer by layer, as HF lays shards out
             writer.add(name, (torch.randn(shapes[name], generator=gen) * 0.02).to(torch.bfloat16))
     (out / "config.json").write_text(json.dumps(config, indent=2))
     return {"bytes": total, "params": total // 2, "shards": len(list(out.glob("*.safetensors")))}

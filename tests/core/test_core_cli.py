@@ -44,13 +44,16 @@ def test_plugins_json_lists_installed_plugins_with_what_they_provide():
     assert {"plugtron_register_families", "plugtron_register_layer_specs"} <= set(gpt["hooks"])
     assert {"te", "torch", "local"} <= {s["name"] for s in gpt["layer_specs"]}
     assert all(s["family"] == "gpt" and isinstance(s["priority"], int) for s in gpt["layer_specs"])
+    assert "plugtron_register_converters" in gpt["hooks"]  # the family registers its own HF architectures
+    assert {"hf:LlamaForCausalLM->gpt", "hf:GPT2LMHeadModel->gpt"} <= set(gpt["converters"])
 
     example = rows["example"]
     assert (example["distribution"], example["version"], example["status"]) == ("plugtron-example-plugin", "0.1.0", "loaded")
     assert example["families"] == ["toy"]
     assert example["layer_specs"] == [{"family": "toy", "name": "local", "priority": 100}]
-    assert example["hooks"] == ["plugtron_post_wrap", "plugtron_register_families", "plugtron_register_layer_specs"]
-    assert example["converters"] == []
+    assert example["hooks"] == ["plugtron_post_wrap", "plugtron_register_converters", "plugtron_register_families",
+                                "plugtron_register_layer_specs"]
+    assert example["converters"] == ["hf:SeedOssForCausalLM->gpt"]  # a third-party HF architecture for the gpt family
 
 
 def test_plugins_json_check_adds_availability():

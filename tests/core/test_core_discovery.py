@@ -20,7 +20,8 @@ def test_example_plugin_is_found_through_its_installed_entry_point(plugtron_mana
     assert (record.distribution, record.version, record.source, record.status) == (
         "plugtron-example-plugin", "0.1.0", "entry point", "loaded",
     )
-    assert record.hooks == ["plugtron_post_wrap", "plugtron_register_families", "plugtron_register_layer_specs"]
+    assert record.hooks == ["plugtron_post_wrap", "plugtron_register_converters", "plugtron_register_families",
+                            "plugtron_register_layer_specs"]
     toy = pm.family("toy")
     assert (toy.plugin, toy.distribution) == ("example", "plugtron-example-plugin")
     assert toy.config_class == "plugtron_example.config:ToyConfig"

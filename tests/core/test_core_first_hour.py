@@ -72,12 +72,21 @@ def test_listing_reads_the_width_from_columns_and_keeps_sections_apart():
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert max(map(len, lines)) <= 80
-    block = lines[lines.index(next(line for line in lines if line.startswith("hf_bridge "))):]
-    block = block[: block.index("")]
-    assert block[0].split() == ["hf_bridge", "plugtron-hf-bridge", "0.1.0", "loaded"]
+
+    def block_of(name: str) -> list[str]:
+        block = lines[lines.index(next(line for line in lines if line.startswith(f"{name} "))):]
+        return block[: block.index("")]
+
+    engine = block_of("hf_bridge")  # the conversion engine registers no architecture, only its commands
+    assert engine[0].split() == ["hf_bridge", "plugtron-hf-bridge", "0.1.0", "loaded"]
+    assert [line.split(":")[0].strip() for line in engine[1:] if not line.startswith("    ")] == ["hooks"]
+    gpt = block_of("gpt")  # the family registers its own HF architectures
+    assert gpt[0].split() == ["gpt", "plugtron-gpt", "0.1.0", "loaded"]
     # converters have their own label; the families label is not abused for them
-    assert block[1].startswith("  converters: hf:LlamaForCausalLM->gpt")
-    assert not any("families" in line for line in block)
+    assert any(line.startswith("  converters: hf:LlamaForCausalLM->gpt") for line in gpt)
+    assert [line for line in gpt if line.startswith("  families")] == ["  families: gpt"]
+    labels = [line.split(":")[0].strip() for line in gpt[1:] if not line.startswith("    ")]
+    assert labels == ["families", "layer specs for gpt", "converters", "hooks"]
     assert any(line.startswith("  layer specs for gpt: te, te_full, torch, local") for line in lines)
 
 

@@ -10,6 +10,8 @@ Kinds of scenario (a JSON list on the command line), each result one JSON dict:
   the reloaded one bit-exactly;
 * ``cli``: ``plugtron.cli.main(argv)`` on both ranks (the path ``plugtron
   convert --tp 2`` takes after torchrun re-launched it).
+* ``moe``: a MoE checkpoint at an expert layout (``tp``, ``ep``, ``etp``):
+  parity, bytes read per rank, bit-exact export.
 
 Module level imports stay light: megatron's checkpoint writer starts a spawn
 process that re-imports this file.
@@ -102,6 +104,36 @@ def run_cli(s: dict[str, Any], out: Path, pm: Any) -> dict[str, Any]:
     return result
 
 
+def run_moe(s: dict[str, Any], out: Path, pm: Any) -> dict[str, Any]:
+    """``moe``: a MoE checkpoint at an expert layout (``tp``, ``ep``, ``etp``): logit parity, bytes each rank
+    read (with its expert-parallel rank), a bit-exact export."""
+    from megatron.core import parallel_state
+
+    from plugtron.runtime.parallel import initialize_parallel
+    from plugtron_hf_bridge.exporter import export_hf
+    from plugtron_hf_bridge.importer import import_hf
+    from plugtron_hf_bridge.verify import verify
+
+    layout = {"tp": s.get("tp", 1), "ep": s.get("ep", 1), "etp": s.get("etp")}
+    ctx = initialize_parallel(layout["tp"], 1, None, ep=layout["ep"], etp=layout["etp"], timeout_s=120)
+    imported = import_hf(s["src"], **layout, pm=pm, parallel=ctx)
+    report = verify(s["src"], imported=imported, seq=s.get("seq"))
+    dst = out / s["name"].replace(" ", "_")
+    export_hf(imported.built, imported.plan.config, imported.plan.adapter, dst, source_hf_config=imported.plan.hf_config)
+    return {"diff": report.max_abs_diff, "cosine": report.cosine, "top1": report.top1_agreement,
+            "scale": report.logit_scale, "layout": report.layout, "reads": imported.reads,
+            "ep_ranks": _all_ranks(parallel_state.get_expert_model_parallel_rank()),
+            "mismatched": _barrier_compare(ctx.rank, Path(s["src"]), dst)}
+
+
+def _all_ranks(value: Any) -> list[Any]:
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def main() -> int:
     warnings.filterwarnings("ignore")
     parser = argparse.ArgumentParser()
@@ -115,7 +147,7 @@ def main() -> int:
     from plugtron.manager import PlugtronPluginManager
 
     pm = PlugtronPluginManager()
-    kinds = {"convert": run_convert, "ckpt": run_ckpt, "cli": run_cli}
+    kinds = {"convert": run_convert, "ckpt": run_ckpt, "cli": run_cli, "moe": run_moe}
     results = []
     for scenario in json.loads(args.scenarios):
         # No try/except: a failure on one rank must end the job (torchrun stops the peer),

@@ -28,9 +28,9 @@ from megatron.core.models.gpt.gpt_model import GPTModel  # noqa: E402
 from megatron.core.tensor_parallel.random import initialize_rng_tracker  # noqa: E402
 from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
 
-from plugtron_hf_bridge.hf_config import to_megatron_fields  # noqa: E402
 from plugtron.config.base import padded_vocab_size  # noqa: E402
-from plugtron_hf_bridge.mappings import hf_to_megatron, mapping_for  # noqa: E402
+from plugtron.conversion.table import hf_to_megatron  # noqa: E402
+from plugtron_gpt.hf.catalogue import mapping_for, to_megatron_fields  # noqa: E402
 
 SEQ = 48
 # GPTModel constructor arguments among the fields; everything else must be a TransformerConfig field.
@@ -40,7 +40,7 @@ GPT_MODEL_ARGS = {"vocab_size", "seq_length", "position_embedding_type", "rotary
 
 
 def build_megatron(fields: dict, padded_vocab: int) -> GPTModel:
-    """Build GPTModel from bridge fields, proving every field name is a real megatron name."""
+    """Build GPTModel from the architecture's fields, proving every field name is a real megatron name."""
     tc_names = {f.name for f in dataclasses.fields(TransformerConfig)}
     tc_kwargs = dict(use_cpu_initialization=True, hidden_dropout=0.0, attention_dropout=0.0,
                      bias_activation_fusion=False, persist_layer_norm=False)

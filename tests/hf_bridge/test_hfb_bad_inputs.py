@@ -134,9 +134,9 @@ class RenamedLlama:
     hf_model_class = "transformers:LlamaForCausalLM"
 
     def __init__(self) -> None:
-        from plugtron_hf_bridge.adapter import GPTAdapter
+        from plugtron_gpt.hf.catalogue import adapter
 
-        self.base = GPTAdapter("LlamaForCausalLM")
+        self.base = adapter("LlamaForCausalLM")
 
     def config_from_hf(self, hf_config, *, source=None):
         return self.base.config_from_hf(hf_config, source=source)

@@ -148,8 +148,7 @@ def test_the_inert_dtype_names_are_torchs() -> None:
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_tables_work_out_the_shapes_the_transforms_produce(arch: str) -> None:
-    from plugtron_hf_bridge.hf_config import to_megatron_fields
-    from plugtron_hf_bridge.mappings import mapping_for
+    from plugtron_gpt.hf.catalogue import mapping_for, to_megatron_fields
 
     cfg = hf_config(arch, tied=arch.startswith("Qwen3")).to_dict()
     cfg["architectures"] = [arch]

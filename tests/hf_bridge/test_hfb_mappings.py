@@ -1,4 +1,8 @@
-"""Tensor tables and repacking: bit-exact round trips, layout semantics, strict name use."""
+"""The GPT architectures' tensor tables: bit-exact round trips, strict name use, shapes named on mismatch.
+
+The repacking functions and table kinds themselves (core vocabulary) are tested in
+``tests/core/test_core_conversion_table.py``.
+"""
 
 from __future__ import annotations
 
@@ -8,24 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from plugtron.config.base import padded_vocab_size
-from plugtron_hf_bridge.errors import MappingError
-from plugtron_hf_bridge.hf_config import from_megatron_fields, to_megatron_fields
-from plugtron_hf_bridge.mappings import (
-    check_hf_names,
-    expected_hf_names,
-    gpt2_c_attn_to_qkv,
-    hf_to_megatron,
-    mapping_for,
-    megatron_to_hf,
-    pack_gate_up,
-    pack_qkv,
-    unpack_gate_up,
-    unpack_qkv,
-)
+from plugtron.conversion.table import hf_to_megatron, megatron_to_hf
+from plugtron_gpt.hf.adapter import tolerated_unused
+from plugtron_gpt.hf.catalogue import from_megatron_fields, mapping_for, to_megatron_fields
+from plugtron_hf_bridge.errors import MappingError, TensorSetError, UnsupportedConfigError
+from plugtron_hf_bridge.preflight import check_table
+from plugtron_hf_bridge.safetensors_header import SafetensorsIndex
 from plugtron._atomic import atomic_output_dir
 from plugtron_hf_bridge.safetensors_io import SafetensorsCheckpoint, ShardedSafetensorsWriter
 
@@ -62,16 +56,32 @@ def hf_state(model) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items()}
 
 
+def index_of(tensors: dict[str, torch.Tensor], directory: Path) -> SafetensorsIndex:
+    """The tensors saved as a one-file checkpoint (tied ones as copies), read back as the engine's header index."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.clone().contiguous() for k, v in tensors.items()}, str(directory / "model.safetensors"))
+    return SafetensorsIndex(directory)
+
+
+def check_names(maps, tensors: dict[str, torch.Tensor], fields: dict, directory: Path, arch: str = "LlamaForCausalLM",
+                dtype: str = "float32") -> list[str]:
+    """The engine's one table check (``preflight.check_table``) with the GPT adapters' tolerated-unused rule."""
+    tied = bool(fields["share_embeddings_and_output_weights"])
+    return check_table(index_of(tensors, directory), maps, lambda name: tolerated_unused(name, tied), dtype, arch)
+
+
 @pytest.mark.parametrize("key", list(MODELS))
 @pytest.mark.parametrize("te", [False, True])
-def test_round_trip_bit_exact_and_every_name_used_once(key: str, te: bool) -> None:
+def test_round_trip_bit_exact_and_every_name_used_once(key: str, te: bool, tmp_path: Path) -> None:
     arch, model, fields = tiny_model(key, torch.bfloat16 if te else torch.float32)
     sd = hf_state(model)
     padded = padded_vocab_size(fields["vocab_size"], 64)
     maps = mapping_for(arch, fields, te_fused_norms=te, padded_vocab_size=padded)
     used = [n for m in maps for n in m.hf_names]
-    assert len(used) == len(set(used)) and used == expected_hf_names(arch, fields, te)
-    skipped = check_hf_names(maps, sd, fields)
+    assert len(used) == len(set(used)) and used == [n for m in mapping_for(arch, fields, te) for n in m.hf_names]
+    skipped = check_names(maps, sd, fields, tmp_path, arch, "bfloat16" if te else "float32")
     assert set(used) | set(skipped) == set(sd)
     assert skipped == (["lm_head.weight"] if fields["share_embeddings_and_output_weights"] else [])
 
@@ -95,47 +105,6 @@ def test_round_trip_bit_exact_and_every_name_used_once(key: str, te: bool) -> No
         assert t.dtype == sd[name].dtype and torch.equal(t, sd[name]), name
 
 
-def reference_pack(q, k, v, groups, d):
-    """Row-by-row construction of megatron's layout, independent of pack_qkv's reshapes."""
-    per_group = q.shape[0] // (groups * d)
-    rows = []
-    for g in range(groups):
-        for h in range(per_group):
-            rows += [q[(g * per_group + h) * d + i] for i in range(d)]
-        rows += [k[g * d + i] for i in range(d)]
-        rows += [v[g * d + i] for i in range(d)]
-    return torch.stack(rows)
-
-
-@settings(max_examples=40, deadline=None, database=None)
-@given(groups=st.integers(1, 4), per_group=st.integers(1, 4), d=st.integers(1, 5), hidden=st.integers(1, 6),
-       bias=st.booleans())
-def test_pack_qkv_layout_and_inverse(groups: int, per_group: int, d: int, hidden: int, bias: bool) -> None:
-    shape = (lambda rows: (rows,)) if bias else (lambda rows: (rows, hidden))
-    q = torch.randn(shape(groups * per_group * d))
-    k, v = torch.randn(shape(groups * d)), torch.randn(shape(groups * d))
-    packed = pack_qkv(q, k, v, groups, d)
-    assert torch.equal(packed, reference_pack(q, k, v, groups, d))
-    for got, want in zip(unpack_qkv(packed, groups, d), (q, k, v)):
-        assert torch.equal(got, want) and got.is_contiguous()
-
-
-def test_gate_up_and_gpt2_c_attn_semantics() -> None:
-    gate, up = torch.randn(6, 4), torch.randn(6, 4)
-    fc1 = pack_gate_up(gate, up)
-    assert torch.equal(fc1[:6], gate) and torch.equal(fc1[6:], up)
-    assert all(torch.equal(a, b) for a, b in zip(unpack_gate_up(fc1), (gate, up)))
-    heads, d = 3, 2
-    hidden = heads * d
-    c_attn = torch.randn(hidden, 3 * hidden)  # Conv1D: [in, out], out = [q | k | v]
-    qkv = gpt2_c_attn_to_qkv(c_attn, heads, d)
-    for h in range(heads):  # megatron: per head, [q_h; k_h; v_h] rows = Linear weights = Conv1D columns
-        block = qkv[h * 3 * d:(h + 1) * 3 * d]
-        for j, part in enumerate(range(3)):
-            cols = c_attn[:, part * hidden + h * d: part * hidden + (h + 1) * d]
-            assert torch.equal(block[j * d:(j + 1) * d], cols.t())
-
-
 def test_shape_mismatch_names_the_tensor() -> None:
     arch, model, fields = tiny_model("llama")
     sd = hf_state(model)
@@ -149,17 +118,20 @@ def test_shape_mismatch_names_the_tensor() -> None:
         mapping_for(arch, fields, padded_vocab_size=50)
 
 
-def test_check_hf_names_is_strict() -> None:
+def test_the_table_check_is_strict(tmp_path: Path) -> None:
+    """Recomputed buffers are tolerated (and returned); an unknown or a missing tensor is refused by name."""
     arch, model, fields = tiny_model("llama")
     maps = mapping_for(arch, fields)
-    names = set(hf_state(model))
-    assert check_hf_names(maps, names | {"model.layers.0.self_attn.rotary_emb.inv_freq"}, fields) == \
-        ["model.layers.0.self_attn.rotary_emb.inv_freq"]
-    with pytest.raises(MappingError, match="model.layers.0.mlp.extra_scale"):
-        check_hf_names(maps, names | {"model.layers.0.mlp.extra_scale"}, fields)
-    with pytest.raises(MappingError, match="model.norm.weight"):
-        check_hf_names(maps, names - {"model.norm.weight"}, fields)
-    with pytest.raises(MappingError, match="no tensor table"):
+    sd = hf_state(model)
+    inv_freq = "model.layers.0.self_attn.rotary_emb.inv_freq"
+    assert check_names(maps, {**sd, inv_freq: torch.ones(8)}, fields, tmp_path / "buffer") == [inv_freq]
+    with pytest.raises(MappingError, match="model.layers.0.mlp.extra_scale") as info:
+        check_names(maps, {**sd, "model.layers.0.mlp.extra_scale": torch.ones(3)}, fields, tmp_path / "extra")
+    assert isinstance(info.value, TensorSetError) and info.value.names == ["model.layers.0.mlp.extra_scale"]
+    with pytest.raises(MappingError, match="model.norm.weight") as info:
+        check_names(maps, {k: v for k, v in sd.items() if k != "model.norm.weight"}, fields, tmp_path / "missing")
+    assert info.value.names == ["model.norm.weight"]
+    with pytest.raises(UnsupportedConfigError, match="BertForMaskedLM"):
         mapping_for("BertForMaskedLM", fields)
 
 
@@ -172,8 +144,9 @@ def test_safetensors_import_export_through_transformers(key: str, tmp_path: Path
     hf_cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert to_megatron_fields(hf_cfg) == fields
     maps = mapping_for(arch, fields, padded_vocab_size=padded_vocab_size(fields["vocab_size"], 8))
+    tied = bool(fields["share_embeddings_and_output_weights"])
+    check_table(SafetensorsIndex(tmp_path / "hf"), maps, lambda name: tolerated_unused(name, tied), "float32", arch)
     with SafetensorsCheckpoint(tmp_path / "hf") as ckpt:
-        check_hf_names(maps, ckpt.names(), fields)
         meg = dict(hf_to_megatron(maps, ckpt.read))
     with atomic_output_dir(tmp_path / "export") as out:
         (out / "config.json").write_text(json.dumps(from_megatron_fields(fields, arch, passthrough=hf_cfg)))

@@ -8,11 +8,10 @@ import pytest
 import torch
 
 from plugtron.config.base import padded_vocab_size
+from plugtron.conversion.pieces import split_rows
 from plugtron.sharding import local_row_ranges, tp_slice
+from plugtron_gpt.hf.catalogue import mapping_for, to_megatron_fields
 from plugtron_hf_bridge.errors import CheckpointFormatError, MappingError
-from plugtron_hf_bridge.hf_config import to_megatron_fields
-from plugtron_hf_bridge.mappings import mapping_for
-from plugtron_hf_bridge.pieces import split_rows
 from plugtron_hf_bridge.region_io import RegionReader
 from plugtron_hf_bridge.safetensors_io import SafetensorsCheckpoint, ShardedSafetensorsWriter
 

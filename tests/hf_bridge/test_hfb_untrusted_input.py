@@ -18,8 +18,9 @@ import torch
 
 from plugtron.cli import main
 from plugtron.untrusted import UntrustedFileError, regular_file_inside
+from plugtron_gpt.hf.catalogue import to_megatron_fields
 from plugtron_hf_bridge.errors import CheckpointFormatError, ConversionError, TensorSetError, UnsupportedConfigError
-from plugtron_hf_bridge.hf_config import read_hf_config, to_megatron_fields
+from plugtron_hf_bridge.hf_config import read_hf_config
 from plugtron_hf_bridge.importer import plan_import
 from plugtron_hf_bridge.safetensors_io import INDEX_FILE, SINGLE_FILE, SafetensorsCheckpoint, read_header
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from plugtron import FamilyInfo, LayerSpecInfo, hookimpl
+from plugtron import ConverterInfo, FamilyInfo, LayerSpecInfo, hookimpl
 
 #: Attribute set on every model chunk by :func:`plugtron_post_wrap`.
 SEEN_ATTRIBUTE = "plugtron_example_seen"
@@ -41,6 +41,13 @@ def plugtron_register_layer_specs() -> list[LayerSpecInfo]:
             cpu_capable=True,
         )
     ]
+
+
+@hookimpl
+def plugtron_register_converters() -> list[ConverterInfo]:
+    """An HF architecture for the ``gpt`` family, converted by the same engine as the built-in ones."""
+    return [ConverterInfo(source_format="hf", architecture="SeedOssForCausalLM", family="gpt",
+                          adapter="plugtron_example.seed_oss:ADAPTER", description="Seed-OSS (Llama with q/k/v biases)")]
 
 
 @hookimpl

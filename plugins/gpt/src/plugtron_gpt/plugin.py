@@ -1,8 +1,8 @@
-"""Registration of the GPT family and its layer specs (no torch import here)."""
+"""Registration of the GPT family, its layer specs and its HF architectures (no torch import here)."""
 
 from __future__ import annotations
 
-from plugtron import FamilyInfo, LayerSpecInfo, hookimpl
+from plugtron import ConverterInfo, FamilyInfo, LayerSpecInfo, hookimpl
 
 _SPECS = "plugtron_gpt.specs"
 
@@ -40,3 +40,13 @@ def plugtron_register_layer_specs() -> list[LayerSpecInfo]:
         _spec("local", 150, "megatron-core's own modules only (CPU and GPU)", True),
         _spec("modelopt", 50, "NVIDIA ModelOpt quantization-ready spec (GPU)", False),
     ]
+
+
+@hookimpl
+def plugtron_register_converters() -> list[ConverterInfo]:
+    """One record per HF architecture module (:mod:`plugtron_gpt.hf.catalogue`); modules load on use."""
+    from plugtron_gpt.hf.catalogue import ARCHITECTURES, adapter_path
+
+    return [ConverterInfo(source_format="hf", architecture=arch, family="gpt", adapter=adapter_path(arch),
+                          description=description)
+            for arch, (_, description) in ARCHITECTURES.items()]

@@ -1,12 +1,12 @@
-"""plugtron_hf_bridge: convert Hugging Face checkpoints to and from megatron-core GPT models.
+"""plugtron_hf_bridge: the engine that converts Hugging Face checkpoints to and from megatron-core models.
 
 The package root imports nothing on purpose: plugin discovery imports
 ``plugtron_hf_bridge.plugin``, and that must not pull in torch or transformers.
 Import the submodules you need:
 
-- ``plugin``: converter records for the five built-in architectures and the commands.
-- ``adapter``: the :class:`~plugtron_hf_bridge.adapter.HFAdapter` protocol a third party
-  implements to add an architecture, and the built-in GPT adapters.
+- ``plugin``: the commands (architectures are registered by the families that build them).
+- ``adapter``: the :class:`~plugtron_hf_bridge.adapter.HFAdapter` protocol an architecture
+  satisfies, and how the engine finds one (through the plugin manager only).
 - ``importer`` / ``exporter`` / ``export_rows``: HF safetensors -> megatron model (each rank
   reads its own slices) and back (gathered tensor by tensor, cut into views, written atomically).
 - ``preflight``: the checks before a conversion, torch-free in a launcher; the one tensor-table check.
@@ -19,6 +19,10 @@ Import the submodules you need:
 - ``errors``: the exception types (all :class:`plugtron.PlugtronError`).
 - ``safetensors_header`` / ``safetensors_io`` / ``safetensors_write`` / ``region_io``: safe
   checkpoint reading (headers without torch), region reads, sharded writing of views.
-- ``hf_config`` / ``hf_defaults`` / ``rope``: HF ``config.json`` <-> megatron config fields.
-- ``mappings`` / ``pieces``: tensor name/layout tables, repacking, per-shard row layouts.
+- ``hf_config``: reading ``config.json`` safely and naming its architecture.
+
+The vocabulary architectures are written in (tensor tables, repacking, row
+layouts, strict config reading) is the core's :mod:`plugtron.conversion`; the
+architectures themselves live with their families (``plugtron_gpt.hf``,
+``plugtron_mamba.hf``).
 """

@@ -230,19 +230,23 @@ def keep_padding(config: Any, padded: int, tp: int) -> None:
 def load_megatron(src: str | Path, *, tp: int = 1, pp: int = 1, vp: int | None = None,
                   pm: "PlugtronPluginManager | None" = None, parallel: Any = None,
                   meta: dict[str, Any] | None = None, pre_wrap_hooks: Sequence[Any] = (),
-                  post_wrap_hooks: Sequence[Any] = ()) -> LoadedModel:
+                  post_wrap_hooks: Sequence[Any] = (), ep: int | None = None, etp: int | None = None) -> LoadedModel:
     """Build the model for the requested layout and load the checkpoint into it.
 
     ``meta``: what :func:`read_meta` returned for ``src`` in this process, when the caller already checked it.
     ``pre_wrap_hooks`` / ``post_wrap_hooks``: as for :func:`plugtron.pipeline.build_model`.
+    ``ep`` / ``etp``: the expert layout of a MoE model (default: ``parallel``'s, else 1 and ``tp``); experts
+    are stored under global indices, so any expert layout loads any other's save.
     """
+    from .importer import expert_layout
     from .libraries import collections_paused
 
     with collections_paused():
-        return _load(Path(src), tp, pp, vp, pm, parallel, meta, (pre_wrap_hooks, post_wrap_hooks))
+        return _load(Path(src), (tp, pp, vp) + expert_layout(ep, etp, tp, parallel), pm, parallel, meta,
+                     (pre_wrap_hooks, post_wrap_hooks))
 
 
-def _load(src: Path, tp: int, pp: int, vp: int | None, pm: Any, parallel: Any, meta: dict[str, Any] | None,
+def _load(src: Path, layout: tuple, pm: Any, parallel: Any, meta: dict[str, Any] | None,
           hooks: tuple[Sequence[Any], Sequence[Any]]) -> LoadedModel:
     from plugtron.builder import BuildOptions
     from plugtron.config import load as load_config
@@ -252,13 +256,14 @@ def _load(src: Path, tp: int, pp: int, vp: int | None, pm: Any, parallel: Any, m
 
     from .importer import TOKENIZER_FILES, set_layout
 
+    tp, pp, vp, ep, etp = layout
     meta = meta if meta is not None else read_meta(src)
     pm = pm or get_plugin_manager()
     config = load_config(src / CONFIG_FILE, pm)
-    set_layout(config, tp, pp, vp, str(config.params_dtype).removeprefix("torch."))
+    set_layout(config, tp, pp, vp, str(config.params_dtype).removeprefix("torch."), ep=ep, etp=etp)
     keep_padding(config, int(meta["padded_vocab_size"]), tp)
     config.finalize()
-    parallel = parallel or initialize_parallel(tp, pp, vp)
+    parallel = parallel or initialize_parallel(tp, pp, vp, ep=ep, etp=etp)
     weights = str(src / WEIGHTS_DIR)
     options = BuildOptions(meta_device=True, load_weights=lambda chunk, context: _load_chunk(chunk, weights))
     built = build_model(config, parallel=parallel, options=options, pm=pm, pre_wrap_hooks=hooks[0],

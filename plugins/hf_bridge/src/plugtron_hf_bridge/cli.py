@@ -10,6 +10,11 @@ process (config, headers, tensor table, destination: :mod:`.preflight`, which
 imports none of torch, megatron or transformers), so bad input is a one-line
 error with exit code 2, and only then starts its ranks with plugtron's
 launcher. Each rank (and a one-rank command) plans once and passes the plan on.
+
+``--ep`` / ``--etp`` set a MoE model's expert layout. The world size is
+megatron's (:func:`plugtron.runtime.parallel.world_size_for`, as ``plugtron
+build`` sizes it): experts reuse data- and tensor-parallel ranks, so ``--tp 2
+--ep 2`` runs on two ranks and ``--ep 2`` alone on two.
 """
 
 from __future__ import annotations
@@ -37,6 +42,9 @@ def _layout_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel size")
     parser.add_argument("--pp", type=positive_int, default=1, help="pipeline-parallel size")
     parser.add_argument("--vp", type=positive_int, default=None, help="virtual pipeline stages per pipeline rank")
+    parser.add_argument("--ep", type=positive_int, default=1, help="expert model-parallel size (MoE models)")
+    parser.add_argument("--etp", type=positive_int, default=None,
+                        help="expert tensor-parallel size (MoE models; default: --tp)")
 
 
 def _convert_parser(commands: Any) -> None:
@@ -89,17 +97,28 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
+def _world(args: argparse.Namespace) -> int:
+    """Ranks the layout needs: megatron's smallest world for tp x pp and the expert layout."""
+    from plugtron.runtime.parallel import world_size_for
+
+    return world_size_for(args.tp, args.pp, ep=args.ep, etp=args.etp)
+
+
 def _launches(args: argparse.Namespace) -> bool:
     """True in the process that must start the ranks (more than one rank, not already one of them)."""
     from plugtron.runtime.launcher import under_launcher
 
-    return args.tp * args.pp > 1 and not under_launcher()
+    return _world(args) > 1 and not under_launcher()
 
 
 def _relaunch(args: argparse.Namespace, argv: list[str]) -> int:
     from plugtron.runtime.launcher import relaunch
 
-    return relaunch(args.tp * args.pp, argv)
+    return relaunch(_world(args), argv)
+
+
+def _expert_flags(args: argparse.Namespace) -> dict[str, Any]:
+    return {"--ep": args.ep if args.ep != 1 else None, "--etp": args.etp}
 
 
 def _parallel(args: argparse.Namespace) -> Any:
@@ -108,7 +127,7 @@ def _parallel(args: argparse.Namespace) -> Any:
     from plugtron.runtime.parallel import initialize_parallel
 
     # plugtron.cli.main turns SIGTERM into SystemExit, so atomic writers clean up when a peer fails.
-    return initialize_parallel(args.tp, args.pp, args.vp, timeout_s=FAILURE_TIMEOUT_S)
+    return initialize_parallel(args.tp, args.pp, args.vp, ep=args.ep, etp=args.etp, timeout_s=FAILURE_TIMEOUT_S)
 
 
 def _settle() -> None:
@@ -124,14 +143,15 @@ def _check_hf(args: argparse.Namespace, pm: Any) -> Any:
     from .preflight import preflight_import
 
     if _launches(args):
-        if not preflight_import(args.src, dtype=args.dtype, pm=pm):
-            plan_import(args.src, tp=args.tp, pp=args.pp, vp=args.vp, dtype=args.dtype, pm=pm)
+        if not preflight_import(args.src, dtype=args.dtype, pm=pm, ep=args.ep, etp=args.etp):
+            plan_import(args.src, tp=args.tp, pp=args.pp, vp=args.vp, dtype=args.dtype, pm=pm, ep=args.ep, etp=args.etp)
         return None
     from .libraries import import_megatron, settle
 
     import_megatron()
     settle()
-    return plan_import(args.src, tp=args.tp, pp=args.pp, vp=args.vp, dtype=args.dtype, pm=pm)
+    return plan_import(args.src, tp=args.tp, pp=args.pp, vp=args.vp, dtype=args.dtype, pm=pm, ep=args.ep,
+                       etp=args.etp)
 
 
 def _say(parallel: Any, text: str) -> None:
@@ -157,7 +177,7 @@ def run_convert(args: argparse.Namespace) -> int:
         return _relaunch(args, _argv(args, "convert", [str(args.src), str(args.dst)], {
             "--to": args.to, "--tp": args.tp, "--pp": args.pp, "--vp": args.vp, "--dtype": args.dtype,
             "--overwrite": args.overwrite, "--max-shard-size": args.max_shard_size, "--no-progress": args.no_progress,
-            "--verify": args.verify, "--json": args.json}))
+            "--verify": args.verify, "--json": args.json, **_expert_flags(args)}))
     work = _to_megatron if args.to == "megatron" else _to_hf
     code = work(args, pm, _parallel(args), prepared)
     _settle()
@@ -183,7 +203,7 @@ def _to_megatron(args: argparse.Namespace, pm: Any, parallel: Any, plan: Any) ->
 
     started = time.perf_counter()
     imported = import_hf(args.src, tp=args.tp, pp=args.pp, vp=args.vp, dtype=args.dtype, pm=pm, parallel=parallel,
-                         progress=not args.no_progress, plan=plan)
+                         progress=not args.no_progress, plan=plan, ep=args.ep, etp=args.etp)
     plan = imported.plan
     if args.verify:
         from .verify import verify
@@ -193,9 +213,21 @@ def _to_megatron(args: argparse.Namespace, pm: Any, parallel: Any, plan: Any) ->
             return 1
     save_megatron(args.dst, imported.built, plan.config, meta=bridge_meta(plan.architecture, plan.hf_config, plan.config),
                   extra_files=[plan.source / name for name in plan.tokenizer_files], overwrite=args.overwrite)
+    from .verify import layout_text
+
     _say(parallel, f"converted {plan.architecture} {args.src} -> megatron checkpoint {args.dst} "
-                   f"(tp={args.tp} pp={args.pp}, {plan.dtype_name}, {time.perf_counter() - started:.1f} s)")
+                   f"({layout_text(parallel, plan.config)}, {plan.dtype_name}, {time.perf_counter() - started:.1f} s)")
+    _say(parallel, reads_text(imported.reads))
     return 0
+
+
+def reads_text(reads: list[dict[str, int]]) -> str:
+    """One line per rank: checkpoint bytes it read (routed experts apart): each reads only its own share."""
+    lines = ["bytes read from the checkpoint per rank:"]
+    for r in reads:
+        experts = f" (routed experts {r['expert_bytes']:,})" if r["expert_bytes"] else ""
+        lines.append(f"  rank {r['rank']}: {r['bytes']:,}{experts}")
+    return "\n".join(lines)
 
 
 def _to_hf(args: argparse.Namespace, pm: Any, parallel: Any, meta: Any) -> int:
@@ -204,13 +236,16 @@ def _to_hf(args: argparse.Namespace, pm: Any, parallel: Any, meta: Any) -> int:
     from .exporter import export_hf, parse_size
 
     started = time.perf_counter()
-    loaded = load_megatron(args.src, tp=args.tp, pp=args.pp, vp=args.vp, pm=pm, parallel=parallel, meta=meta)
+    loaded = load_megatron(args.src, tp=args.tp, pp=args.pp, vp=args.vp, pm=pm, parallel=parallel, meta=meta,
+                           ep=args.ep, etp=args.etp)
     adapter = load_adapter(loaded.meta["architecture"], pm)
     export_hf(loaded.built, loaded.config, adapter, args.dst, source_hf_config=loaded.meta.get("hf_config"),
               extra_files=loaded.tokenizer_files, dtype=args.dtype, max_shard_bytes=parse_size(args.max_shard_size),
               overwrite=args.overwrite, progress=not args.no_progress)
+    from .verify import layout_text
+
     _say(parallel, f"exported {loaded.meta['architecture']} {args.src} -> HF checkpoint {args.dst} "
-                   f"(read at tp={args.tp} pp={args.pp}, {time.perf_counter() - started:.1f} s)")
+                   f"(read at {layout_text(parallel, loaded.config)}, {time.perf_counter() - started:.1f} s)")
     return 0
 
 
@@ -224,7 +259,7 @@ def run_verify(args: argparse.Namespace) -> int:
     if _launches(args):
         return _relaunch(args, _argv(args, "verify", [str(args.src)], {
             "--tp": args.tp, "--pp": args.pp, "--vp": args.vp, "--dtype": args.dtype, "--tolerance": args.tolerance,
-            "--batch": args.batch, "--seq": args.seq, "--json": args.json}))
+            "--batch": args.batch, "--seq": args.seq, "--json": args.json, **_expert_flags(args)}))
     from .importer import import_hf
     from .verify import verify
 

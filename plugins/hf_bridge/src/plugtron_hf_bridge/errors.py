@@ -5,7 +5,10 @@ as an attribute and inside its message, because conversions run unattended on
 multi-gigabyte checkpoints and "shape mismatch" without a name is useless in a
 log.  :class:`ConversionError` subclasses :class:`plugtron.errors.PlugtronError`
 so the ``plugtron`` command line reports every bridge error as one line with
-exit code 2; ``plugtron.errors`` is import-light (no torch), so this costs nothing.
+exit code 2. The errors about a config or a tensor table (:class:`ConversionError`,
+:class:`MappingError`, :class:`UnsupportedConfigError`) are the core's
+(:mod:`plugtron.conversion.errors`): the families' architecture modules raise
+them too. They are re-exported here so ``except`` clauses need one import.
 """
 
 from __future__ import annotations
@@ -14,12 +17,11 @@ import contextlib
 from pathlib import Path
 from typing import Iterator
 
-from plugtron.errors import PlugtronError
+from plugtron.conversion.errors import ConversionError, MappingError, UnsupportedConfigError
 from plugtron.untrusted import UntrustedFileError
 
-
-class ConversionError(PlugtronError):
-    """Base class of every error the bridge raises on purpose."""
+__all__ = ["CheckpointFormatError", "ConversionError", "MappingError", "TensorNotFoundError", "TensorSetError",
+           "UnsupportedConfigError", "checkpoint_errors"]
 
 
 class CheckpointFormatError(ConversionError, UntrustedFileError):
@@ -62,33 +64,6 @@ class TensorNotFoundError(CheckpointFormatError, KeyError):
 
     def __str__(self) -> str:  # KeyError would otherwise print the repr of args
         return Exception.__str__(self)
-
-
-class MappingError(ConversionError):
-    """Tensors cannot be mapped between the HF and megatron layouts.
-
-    ``tensor`` names the HF or megatron tensor concerned.
-    """
-
-    def __init__(self, tensor: str, problem: str) -> None:
-        self.tensor = tensor
-        self.problem = problem
-        super().__init__(f"tensor '{tensor}': {problem}")
-
-
-class UnsupportedConfigError(ConversionError):
-    """A config value changes the model's numbers in a way we cannot reproduce.
-
-    ``field`` names the config key (dotted for nested keys, e.g.
-    ``rope_parameters.low_freq_factor``).
-    """
-
-    def __init__(self, field: str, problem: str, *, source: str | None = None) -> None:
-        self.field = field
-        self.problem = problem
-        self.source = source
-        where = f" in {source}" if source else ""
-        super().__init__(f"config field '{field}'{where}: {problem}")
 
 
 class TensorSetError(MappingError):

@@ -8,6 +8,12 @@ first), and rank 0 cuts it into HF tensors (vocab padding cut off) and yields
 them, as views wherever the row layout allows (:mod:`.export_rows`), until the
 writer writes them into the current shard.
 
+Routed experts go the same way, one expert at a time (the table has one
+mapping per expert, so no layer's experts are ever stacked): the ranks of the
+expert-parallel rank that holds the expert gather its slices over their expert
+tensor-parallel group (:func:`plugtron.sharding.shard_group`) to the lowest of
+them, which sends the full expert to rank 0.
+
 :func:`write_hf` is rank 0's side: shards written by
 :class:`~plugtron_hf_bridge.safetensors_io.ShardedSafetensorsWriter` into a
 temporary directory that :func:`plugtron._atomic.atomic_output_dir`
@@ -58,32 +64,50 @@ def refuse_existing(dst: str | Path, overwrite: bool, sources: Iterable[str | Pa
     check_destination(dst, sources=sources, overwrite=overwrite)
 
 
-def _local_params(chunks: list, tied: bool) -> dict[str, Any]:
-    """Global megatron name -> this rank's parameter; a tied output layer is a copy, not a source."""
-    from plugtron.sharding import layer_offset, to_global_name, unwrap
+def _local_params(chunks: list, config: Any) -> dict[str, Any]:
+    """Global megatron name (layer and expert) -> this rank's parameter; a tied output layer is a copy, not a source."""
+    from plugtron.sharding import layer_offset, unwrap
 
+    from .importer import global_name
+
+    tied = bool(config.share_embeddings_and_output_weights)
     params = {}
     for chunk in chunks:
         inner = unwrap(chunk)
         offset = layer_offset(inner)
         for local, param in inner.named_parameters():
-            name = to_global_name(local, offset)
+            name = global_name(local, offset, config)
             if not (tied and name == OUTPUT):
                 params[name] = param
     return params
 
 
-def _owners(params: dict[str, Any], parallel: Any) -> dict[str, tuple[int, tuple[int, int], str]]:
-    """name -> (owning global rank, its (pp, dp) group key, dtype), agreed by all ranks."""
+def _group_keys(parallel: Any) -> tuple[tuple, tuple]:
+    """This rank's (dense, expert) group keys: ranks with equal keys hold slices of the same tensors.
+
+    Dense tensors are split over tensor parallelism inside a (pp, dp) replica;
+    routed experts over expert tensor parallelism inside a (pp, expert-dp, ep) one.
+    """
+    from megatron.core import parallel_state as ps
+
+    return ((parallel.pp_rank, parallel.dp_rank),
+            (parallel.pp_rank, "experts", ps.get_expert_data_parallel_rank(), ps.get_expert_model_parallel_rank()))
+
+
+def _owners(params: dict[str, Any], parallel: Any) -> dict[str, tuple[int, tuple, str]]:
+    """name -> (owning global rank, its group key, dtype), agreed by all ranks."""
     import torch.distributed as dist
 
-    mine = (parallel.rank, (parallel.pp_rank, parallel.dp_rank),
-            {n: str(p.dtype).removeprefix("torch.") for n, p in params.items()})
+    from plugtron.sharding import is_expert_name
+
+    dense, expert = _group_keys(parallel)
+    mine = (parallel.rank, {n: (expert if is_expert_name(n) else dense, str(p.dtype).removeprefix("torch."))
+                            for n, p in params.items()})
     gathered: list[Any] = [None] * parallel.world_size
     dist.all_gather_object(gathered, mine)
-    owners: dict[str, tuple[int, tuple[int, int], str]] = {}
-    for rank, key, names in sorted(gathered, key=lambda item: item[0]):
-        for name, dtype in names.items():
+    owners: dict[str, tuple[int, tuple, str]] = {}
+    for rank, names in sorted(gathered, key=lambda item: item[0]):
+        for name, (key, dtype) in names.items():
             owners.setdefault(name, (rank, key, dtype))
     return owners
 
@@ -96,26 +120,27 @@ def export_tensors(chunks: list, config: Any, adapter: "HFAdapter", parallel: An
     """
     import torch
     import torch.distributed as dist
-    from megatron.core import parallel_state
+
+    from plugtron.sharding import is_expert_name, shard_group
 
     from .export_rows import as_tensor, gather_rows, hf_tensors
 
-    params = _local_params(chunks, bool(config.share_embeddings_and_output_weights))
+    params = _local_params(chunks, config)
     fused = any(n.endswith("layer_norm_weight") for n in params)
     mappings = adapter.tensor_mappings(config, te_fused_norms=fused)
     owners = _owners(params, parallel)
     absent = [m.megatron_name for m in mappings if m.megatron_name not in owners]
     if absent:
         raise TensorSetError("the model has no parameter for these tensors of the table", absent)
-    group, tp = parallel_state.get_tensor_model_parallel_group(), parallel.tp
-    here = (parallel.pp_rank, parallel.dp_rank)
+    dense, expert = _group_keys(parallel)
     for mapping in mappings:
         name = mapping.megatron_name
         owner, key, stored = owners[name]
         full = None
-        if key == here and name in params:
+        if key == (expert if is_expert_name(name) else dense) and name in params:
             param = params[name]
-            full = gather_rows(param.detach(), param, group, tp, builder.tp_row_blocks(name, param))
+            group, size, _ = shard_group(name)
+            full = gather_rows(param.detach(), param, group, size, builder.tp_row_blocks(name, param))
         if owner != 0:
             if parallel.rank == owner:
                 dist.send(as_tensor(full).contiguous().cpu(), dst=0)

@@ -16,6 +16,13 @@ Two phases, so that a bad checkpoint fails before any weight is written:
    zero-filled), and under PP/VP only its own layers. No rank ever holds the
    full state dict. Afterwards every rank checks that the ranks together
    filled every tensor of the table.
+
+Routed experts (MoE) follow the expert layout (:mod:`plugtron.sharding`): a
+rank's ``local_experts.{j}`` is global expert ``ep_rank x local + j`` (the
+table's names are global), and an expert is split over the expert
+tensor-parallel group, not the tensor-parallel one. The table has one mapping
+per expert, so a rank reads only its own experts' bytes; the loader counts
+the bytes it reads (:attr:`ImportedModel.reads`), routed experts apart.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import attrs
 
 from .adapter import HFAdapter, load_adapter
 from .errors import TensorSetError, UnsupportedConfigError
-from .hf_config import architecture_of, read_hf_config
+from .hf_config import architecture_from, read_hf_config
 from .preflight import DTYPES, check_dtype_name, check_table, stored_dtype  # noqa: F401 - DTYPES re-exported
 
 if TYPE_CHECKING:
@@ -36,7 +43,7 @@ if TYPE_CHECKING:
     from plugtron.manager import PlugtronPluginManager
     from plugtron.pipeline import BuiltModel
 
-    from .mappings import TensorMapping
+    from plugtron.conversion import TensorMapping
 
 EMBEDDING = "embedding.word_embeddings.weight"
 OUTPUT = "output_layer.weight"
@@ -65,6 +72,8 @@ class ImportPlan:
 class ImportedModel:
     built: "BuiltModel"
     plan: ImportPlan
+    #: per global rank: ``{"rank", "bytes", "expert_bytes"}`` read from the checkpoint (every rank has all)
+    reads: list[dict[str, int]] = attrs.Factory(list)
 
 
 def torch_dtype(name: str) -> "torch.dtype":
@@ -75,16 +84,6 @@ def torch_dtype(name: str) -> "torch.dtype":
     return getattr(torch, name)
 
 
-def architecture_from(hf_config: dict[str, Any], source: str) -> str:
-    """``architectures[0]``; older configs without it fall back to ``model_type``."""
-    archs = hf_config.get("architectures")
-    if archs:
-        if not isinstance(archs, list) or len(archs) != 1 or not isinstance(archs[0], str):
-            raise UnsupportedConfigError("architectures", f"{archs!r} must name exactly one architecture", source=source)
-        return archs[0]
-    return architecture_of(hf_config, source)
-
-
 def identify_source(src: str | Path, dtype: str | None,
                     pm: "PlugtronPluginManager | None") -> tuple[Path, dict[str, Any], str, str, HFAdapter]:
     """The first checks of an HF checkpoint, shared by the plan and the launcher's torch-free preflight:
@@ -93,12 +92,12 @@ def identify_source(src: str | Path, dtype: str | None,
     source = Path(src)
     hf_config = read_hf_config(source)
     where = str(source / "config.json")
-    arch = architecture_from(hf_config, where)
+    arch = architecture_from(hf_config, where, pm)
     return source, hf_config, where, arch, load_adapter(arch, pm)
 
 
 def plan_import(src: str | Path, *, tp: int = 1, pp: int = 1, vp: int | None = None, dtype: str | None = None,
-                pm: "PlugtronPluginManager | None" = None) -> ImportPlan:
+                pm: "PlugtronPluginManager | None" = None, ep: int = 1, etp: int | None = None) -> ImportPlan:
     """Validate ``src`` completely and describe the conversion (phase 1)."""
     from .safetensors_io import SafetensorsCheckpoint
 
@@ -107,7 +106,7 @@ def plan_import(src: str | Path, *, tp: int = 1, pp: int = 1, vp: int | None = N
     tokenizer = side_files(source)
     with SafetensorsCheckpoint(source) as ckpt:
         dtype_name = dtype or stored_dtype(ckpt, source)
-        set_layout(config, tp, pp, vp, dtype_name)
+        set_layout(config, tp, pp, vp, dtype_name, ep=ep, etp=etp)
         config.finalize()
         mappings = adapter.tensor_mappings(config)
         unused = check_table(ckpt, mappings, lambda name: adapter.tolerated_unused(name, config), dtype_name, arch)
@@ -129,8 +128,21 @@ def side_files(source: Path) -> list[str]:
         return [name for name in TOKENIZER_FILES if regular_file_inside(source, name, required=False)]
 
 
-def set_layout(config: Any, tp: int, pp: int, vp: int | None, dtype_name: str) -> None:
-    """Parallel layout and parameter dtype; bf16/fp16 also switch megatron's mixed-precision flags."""
+def set_layout(config: Any, tp: int, pp: int, vp: int | None, dtype_name: str, *, ep: int = 1,
+               etp: int | None = None) -> None:
+    """Parallel layout and parameter dtype; bf16/fp16 also switch megatron's mixed-precision flags.
+
+    ``ep`` / ``etp`` (expert model- and tensor-parallel sizes; ``etp`` defaults
+    to ``tp``, megatron's rule) apply to MoE models only; asking a dense model
+    for them is an error rather than a silently ignored flag.
+    """
+    if getattr(config, "num_moe_experts", None):
+        config.expert_model_parallel_size = ep
+        config.expert_tensor_parallel_size = etp
+    elif ep != 1 or etp is not None:
+        from .errors import ConversionError
+
+        raise ConversionError(f"expert parallelism (ep={ep}, etp={etp}) applies to Mixture-of-Experts models only")
     config.tensor_model_parallel_size = tp
     config.pipeline_model_parallel_size = pp
     config.virtual_pipeline_model_parallel_size = vp
@@ -144,13 +156,14 @@ def set_layout(config: Any, tp: int, pp: int, vp: int | None, dtype_name: str) -
 def import_hf(src: str | Path, *, tp: int = 1, pp: int = 1, vp: int | None = None, dtype: str | None = None,
               pm: "PlugtronPluginManager | None" = None, parallel: Any = None, progress: bool = False,
               plan: ImportPlan | None = None, pre_wrap_hooks: Sequence[Any] = (),
-              post_wrap_hooks: Sequence[Any] = ()) -> ImportedModel:
+              post_wrap_hooks: Sequence[Any] = (), ep: int | None = None, etp: int | None = None) -> ImportedModel:
     """Plan (unless ``plan``, made for the same arguments, is given), then build the model with this rank's
     slices loaded (phase 2).
 
     ``pre_wrap_hooks`` / ``post_wrap_hooks`` go to :func:`plugtron.pipeline.build_model` (same order
     guarantees); pre-wrap hooks see the chunks before the weights are loaded (they are still on the meta
-    device), post-wrap hooks the loaded, wrapped model.
+    device), post-wrap hooks the loaded, wrapped model. ``ep`` / ``etp``: the expert layout (default: the
+    ``parallel`` context's, else 1 and ``tp``).
     """
     from plugtron.manager import get_plugin_manager
 
@@ -158,10 +171,19 @@ def import_hf(src: str | Path, *, tp: int = 1, pp: int = 1, vp: int | None = Non
 
     pm = pm or get_plugin_manager()
     with collections_paused():
-        return _import(src, tp, pp, vp, dtype, pm, parallel, progress, plan, (pre_wrap_hooks, post_wrap_hooks))
+        return _import(src, (tp, pp, vp) + expert_layout(ep, etp, tp, parallel), dtype, pm, parallel, progress, plan,
+                       (pre_wrap_hooks, post_wrap_hooks))
 
 
-def _import(src: str | Path, tp: int, pp: int, vp: int | None, dtype: str | None, pm: Any, parallel: Any,
+def expert_layout(ep: int | None, etp: int | None, tp: int, parallel: Any) -> tuple[int, int | None]:
+    """(ep, etp) asked for, else the ones of an existing parallel context (its etp only where it differs from tp)."""
+    if parallel is not None:
+        ep = ep or parallel.ep
+        etp = etp or (parallel.etp if parallel.etp != parallel.tp else None)
+    return ep or 1, etp
+
+
+def _import(src: str | Path, layout: tuple, dtype: str | None, pm: Any, parallel: Any,
             progress: bool, plan: ImportPlan | None, hooks: tuple[Sequence[Any], Sequence[Any]]) -> ImportedModel:
     from plugtron.builder import BuildOptions
     from plugtron.pipeline import build_model
@@ -169,8 +191,9 @@ def _import(src: str | Path, tp: int, pp: int, vp: int | None, dtype: str | None
 
     from .safetensors_io import SafetensorsCheckpoint
 
-    plan = plan or plan_import(src, tp=tp, pp=pp, vp=vp, dtype=dtype, pm=pm)
-    parallel = parallel or initialize_parallel(tp, pp, vp)
+    tp, pp, vp, ep, etp = layout
+    plan = plan or plan_import(src, tp=tp, pp=pp, vp=vp, dtype=dtype, pm=pm, ep=ep, etp=etp)
+    parallel = parallel or initialize_parallel(tp, pp, vp, ep=ep, etp=etp)
     with SafetensorsCheckpoint(plan.source) as ckpt:
         loader = ShardLoader(plan, ckpt, parallel, progress)
         try:
@@ -179,8 +202,8 @@ def _import(src: str | Path, tp: int, pp: int, vp: int | None, dtype: str | None
                                 pre_wrap_hooks=hooks[0], post_wrap_hooks=hooks[1])
         finally:
             loader.reader.close()
-    loader.check_coverage()
-    return ImportedModel(built, plan)
+    reads = loader.check_coverage()
+    return ImportedModel(built, plan, reads)
 
 
 class ShardLoader:
@@ -192,6 +215,7 @@ class ShardLoader:
         self.plan, self.parallel, self.progress = plan, parallel, progress
         self.reader = RegionReader(ckpt)
         self.filled: set[str] = set()
+        self.expert_bytes = 0
         self._tables: dict[bool, dict[str, Any]] = {}
 
     def table(self, fused: bool) -> dict[str, "TensorMapping"]:
@@ -202,7 +226,7 @@ class ShardLoader:
         return self._tables[fused]
 
     def __call__(self, chunk: Any, context: Any) -> None:
-        from plugtron.sharding import layer_offset, unwrap
+        from plugtron.sharding import is_expert_name, layer_offset, unwrap
 
         inner = unwrap(chunk)
         self.builder = context.builder  # knows the family's TP block layouts (tp_row_blocks)
@@ -210,19 +234,20 @@ class ShardLoader:
         show = self.progress and self.parallel.rank == 0
         with plain_torch():
             for name, param, mapping in _progress(jobs, show, "import"):
+                before = self.reader.bytes_read
                 self._fill(name, param, mapping)
+                if is_expert_name(name):
+                    self.expert_bytes += self.reader.bytes_read - before
                 self.filled.add(mapping.megatron_name)
 
     def _jobs(self, inner: Any, offset: int) -> list[tuple[str, Any, "TensorMapping"]]:
         """Resolve every parameter to its mapping first: an unmapped one fails before any read."""
-        from plugtron.sharding import to_global_name
-
         params = list(inner.named_parameters())
         table = self.table(any(n.endswith("layer_norm_weight") for n, _ in params))
         tied = self.plan.config.share_embeddings_and_output_weights
         jobs, missing, wrong = [], [], []
         for local, param in params:
-            name = to_global_name(local, offset)
+            name = global_name(local, offset, self.plan.config)
             mapping = table.get(EMBEDDING if tied and name == OUTPUT else name)
             if mapping is None:
                 missing.append(name)
@@ -245,9 +270,11 @@ class ShardLoader:
         return tuple(shape)
 
     def _ranges(self, name: str, param: Any, full: tuple[int, ...]) -> tuple[int, list[tuple[int, int]]]:
-        from plugtron.sharding import local_row_ranges, partition_dim
+        """Rows (or columns) this rank holds: of its tensor-parallel group, or for routed experts its
+        expert tensor-parallel group (:func:`plugtron.sharding.shard_group`)."""
+        from plugtron.sharding import local_row_ranges, partition_dim, shard_group
 
-        tp, rank = self.parallel.tp, self.parallel.tp_rank
+        _, tp, rank = shard_group(name)
         if tp == 1 or not getattr(param, "tensor_model_parallel", False):
             return 0, [(0, full[0] if full else 1)]
         dim = partition_dim(param)
@@ -289,23 +316,43 @@ class ShardLoader:
 
     def _fill_whole(self, name: str, param: Any, mapping: "TensorMapping") -> None:
         """Adapters without a row layout: build the full tensor, keep this rank's slice."""
-        from plugtron.sharding import tp_slice
+        from plugtron.sharding import shard_group, tp_slice
 
         full = mapping.to_megatron([self.reader.read(n) for n in mapping.hf_names])
         blocks = self.builder.tp_row_blocks(name, param)
-        param.copy_(tp_slice(full, param, self.parallel.tp_rank, self.parallel.tp, blocks=blocks))
+        _, size, rank = shard_group(name)
+        param.copy_(tp_slice(full, param, rank, size, blocks=blocks))
 
-    def check_coverage(self) -> None:
-        """All ranks together must have filled every tensor of the table (collective)."""
+    def check_coverage(self) -> list[dict[str, int]]:
+        """All ranks together must have filled every tensor of the table (collective); returns each rank's reads."""
         import torch.distributed as dist
 
         gathered: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, sorted(self.filled))
-        filled = set().union(*gathered)
+        mine = {"rank": dist.get_rank(), "bytes": self.reader.bytes_read, "expert_bytes": self.expert_bytes}
+        dist.all_gather_object(gathered, (sorted(self.filled), mine))
+        filled = set().union(*(names for names, _ in gathered))
         fused = next(iter(self._tables), False)
         never = [n for m in self.table(fused).values() if m.megatron_name not in filled for n in m.hf_names]
         if never:
             raise TensorSetError("HF tensors no rank loaded (the model has no parameter for them)", never)
+        return [reads for _, reads in gathered]
+
+
+def global_name(local: str, offset: int, config: Any) -> str:
+    """A chunk's parameter name as the tensor table spells it: global layer, and global expert index.
+
+    Routed experts are numbered per expert-parallel rank in the model
+    (``local_experts.0`` .. ``local_experts.{local - 1}``); the table numbers them globally.
+    """
+    from plugtron.sharding import expert_global_name, is_expert_name, to_global_name
+
+    name = to_global_name(local, offset)
+    if not is_expert_name(name):
+        return name
+    from megatron.core import parallel_state
+
+    local_count = config.num_moe_experts // (config.expert_model_parallel_size or 1)
+    return expert_global_name(name, parallel_state.get_expert_model_parallel_rank(), local_count)
 
 
 def plain_torch() -> Any:
@@ -326,7 +373,7 @@ def plain_torch() -> Any:
 
 
 def _split_rows(pieces: Any, start: int, stop: int) -> Any:
-    from .pieces import split_rows
+    from plugtron.conversion.pieces import split_rows
 
     return split_rows(pieces, start, stop)
 

@@ -10,14 +10,14 @@ A command that starts several ranks validates its input in the launcher first
 (bad input is one line with exit code 2, before any rank starts). Importing
 torch, megatron-core and transformers there would cost 2-5 s on this machine
 before the ranks import them again, so the launcher's checks import none of
-them: the config translation (:mod:`.hf_defaults`), every safetensors header
-(:mod:`.safetensors_header`), the tensor table of a built-in adapter
-(:func:`.mappings.mapping_for` needs no torch), the side files; for an export,
+them: the config translation and tensor table of an adapter that offers
+``torch_free_table`` (the families' built-in ones do), every safetensors header
+(:mod:`.safetensors_header`), the side files; for an export,
 every file of the megatron checkpoint with ``.metadata`` read inertly
 (:mod:`.dcp_metadata`). What needs the family's config class (megatron's
 ``TransformerConfig`` rules: heads divisible by TP ...) is checked by each
-rank before it builds anything. A third-party adapter's tables need its
-config object, so for those the launcher runs the full plan.
+rank before it builds anything. An adapter without ``torch_free_table`` needs its
+config object for its tables, so for those the launcher runs the full plan.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from .errors import ConversionError, TensorSetError
 if TYPE_CHECKING:
     from plugtron.manager import PlugtronPluginManager
 
-    from .mappings import TensorMapping
+    from plugtron.conversion import TensorMapping
     from .safetensors_header import SafetensorsIndex
 
 #: dtypes a model may be converted to (``--dtype``).
@@ -90,28 +90,40 @@ def _not_floating(index: "SafetensorsIndex", names: list[str], dtype_name: str) 
 
 
 def preflight_import(src: str | Path, *, dtype: str | None = None,
-                     pm: "PlugtronPluginManager | None" = None) -> bool:
+                     pm: "PlugtronPluginManager | None" = None, ep: int = 1, etp: int | None = None) -> bool:
     """The launcher's checks of an HF checkpoint; False when the adapter needs the full plan instead.
 
     Raises the same errors :func:`~.importer.plan_import` raises for the config
-    file, the architecture, the headers, the tensor table and the side files.
+    file, the architecture, the headers, the tensor table and the side files,
+    and refuses an expert layout (``ep`` / ``etp``) the model cannot take.
     """
-    from .adapter import GPTAdapter, tolerated_unused
-    from .hf_config import to_megatron_fields
     from .importer import identify_source, side_files
-    from .mappings import mapping_for
     from .safetensors_header import SafetensorsIndex
 
     source, hf_config, where, arch, adapter = identify_source(src, dtype, pm)
-    if type(adapter) is not GPTAdapter:
+    torch_free_table = getattr(adapter, "torch_free_table", None)
+    if torch_free_table is None:
         return False
-    fields = to_megatron_fields(hf_config, arch, source=where)
+    mappings, tolerated = torch_free_table(hf_config, source=where)
+    if hasattr(adapter, "to_fields"):
+        check_expert_layout(adapter.to_fields(hf_config, source=where), ep, etp, where)
     side_files(source)
     index = SafetensorsIndex(source)
     dtype_name = dtype or stored_dtype(index, source)
-    tied = bool(fields["share_embeddings_and_output_weights"])
-    check_table(index, mapping_for(arch, fields), lambda name: tolerated_unused(name, tied), dtype_name, arch)
+    check_table(index, mappings, tolerated, dtype_name, arch)
     return True
+
+
+def check_expert_layout(fields: dict[str, Any], ep: int, etp: int | None, where: str) -> None:
+    """Before any rank starts: expert parallelism only for a MoE model, over a whole number of experts each.
+
+    The ranks check every other rule of the layout (megatron's, in the family's config).
+    """
+    experts = fields.get("num_moe_experts")
+    if not experts and (ep != 1 or etp is not None):
+        raise ConversionError(f"{where}: --ep/--etp apply to Mixture-of-Experts models only; this one is dense")
+    if experts and experts % ep:
+        raise ConversionError(f"{where}: {experts} routed experts cannot be split over --ep {ep} ranks")
 
 
 def preflight_export(src: str | Path) -> Any:

@@ -30,6 +30,13 @@ conversions at that shape stay far beyond the bound of 1.2e-3: a wrong norm
 epsilon 2.6e-2, a query and a key head swapped 1.2, a wrong RoPE base 26
 (tests/hf_bridge/test_hfb_verify_bound.py).
 
+Mixture-of-Experts models in bfloat16/float16 can exceed the bound at one
+token: a router choice that is nearly a tie rounds one way in transformers
+and the other way here, and that token's logits move by several times the
+noise (measured on tiny random Qwen3-MoE cases: one token at 2.6x and 4.9x
+transformers' own bf16 distance, every other token within it; float32 parity
+5e-7). Verify MoE conversions in float32.
+
 Cost: rank 0 loads the transformers model twice, one after the other, and
 runs one forward each on the small verify batch (default 2 x 32 tokens). In
 float32 the truth is a float64 copy, so for that moment rank 0 holds twice
@@ -154,14 +161,18 @@ def hf_logits(adapter: Any, src: str | Path, tokens: "torch.Tensor", dtype_name:
 
     Returned in float64 so that a float64 run keeps the digits it is the truth for.
     The model is dropped on return: two calls in a row never hold two models.
+    In float64 the experts of MoE models run one by one (``experts_implementation="eager"``):
+    transformers' default grouped matmul refuses float64, which left MoE models without a
+    truth (measured: eager and grouped agree to 2.4e-7 in float32 on the tiny MoE cases).
     """
     import torch
 
     from plugtron.records import resolve
 
     cls = resolve(adapter.hf_model_class)
+    extra = {"experts_implementation": "eager"} if dtype_name == "float64" else {}
     model = cls.from_pretrained(str(src), dtype=getattr(torch, dtype_name), attn_implementation="eager",
-                                use_safetensors=True, local_files_only=True).eval()
+                                use_safetensors=True, local_files_only=True, **extra).eval()
     with torch.no_grad():  # no KV cache: one full forward, and NemotronH without attention breaks with one
         return model(tokens, use_cache=False).logits.double()
 
@@ -212,15 +223,26 @@ def compare(reference: "torch.Tensor", candidate: "torch.Tensor", tolerance: flo
                         reference.shape[0] * reference.shape[1], layout, dtype, reference_noise, reference_dtype)
 
 
+def layout_text(parallel: Any, config: Any) -> str:
+    """``tp=2 pp=1``, plus ``vp=`` when interleaved and ``ep= etp=`` for a MoE model."""
+    text = f"tp={parallel.tp} pp={parallel.pp}" + (f" vp={parallel.vp}" if parallel.vp else "")
+    if getattr(config, "num_moe_experts", None):
+        text += f" ep={parallel.ep} etp={parallel.etp}"
+    return text
+
+
 def verify(src: str | Path, *, tp: int = 1, pp: int = 1, vp: int | None = None, dtype: str = "float32",
            batch: int = 2, seq: int | None = None, tolerance: float | None = None, pm: Any = None,
-           parallel: Any = None, imported: Any = None, progress: bool = False) -> ParityReport:
-    """Import ``src`` at the layout, compare logits with transformers; every rank gets the report."""
+           parallel: Any = None, imported: Any = None, progress: bool = False, ep: int | None = None,
+           etp: int | None = None) -> ParityReport:
+    """Import ``src`` at the layout (``ep`` / ``etp``: MoE expert layout), compare logits with transformers;
+    every rank gets the report."""
     import torch.distributed as dist
 
     from .importer import import_hf
 
-    imported = imported or import_hf(src, tp=tp, pp=pp, vp=vp, dtype=dtype, pm=pm, parallel=parallel, progress=progress)
+    imported = imported or import_hf(src, tp=tp, pp=pp, vp=vp, dtype=dtype, pm=pm, parallel=parallel,
+                                     progress=progress, ep=ep, etp=etp)
     config, parallel = imported.plan.config, imported.built.context.parallel
     count = microbatches(parallel)
     tokens = sample_tokens(config.vocab_size, -(-batch // count) * count, seq or min(config.seq_length, 32))
@@ -228,7 +250,7 @@ def verify(src: str | Path, *, tp: int = 1, pp: int = 1, vp: int | None = None, 
     report = None
     if parallel.rank == 0:
         reference, truth, noise = reference_logits(imported.plan.adapter, src, tokens, dtype)
-        layout = f"tp={parallel.tp} pp={parallel.pp}" + (f" vp={parallel.vp}" if parallel.vp else "")
+        layout = layout_text(parallel, config)
         limit = default_tolerance(dtype, noise) if tolerance is None else tolerance
         report = compare(reference, ours, limit, layout, dtype, noise, truth)
     box = [report]

@@ -32,6 +32,9 @@ SPECIAL_FIELDS: dict[str, Any] = {
     "apply_residual_connection_post_layernorm": False, "layernorm_zero_centered_gamma": False,
     "rotary_interleaved": False, "num_moe_experts": None, "multi_latent_attention": False,
     "softmax_scale": None, "window_size": None, "apply_query_key_layer_scaling": False,
+    "embedding_multiplier": None, "residual_multiplier": None, "logits_divisor": None, "norm_placement": "pre", "qk_norm_scope": "head",
+    "embedding_multiplier_cast": False, "attention_softcap": None, "final_logit_softcap": None, "rotary_base_local": None, "window_attn_skip_freq": None,
+    "no_rope_freq": None,
 }
 
 _NORM_NAMES = {  # local spec vs transformer-engine fused spec
@@ -49,7 +52,19 @@ def symbols(f: Fields, padded_vocab: int) -> dict[str, int]:
     groups = f.get("num_query_groups") or heads
     return {"H": hidden, "V": f["vocab_size"], "Vp": padded_vocab, "D": d, "Q": heads * d, "KV": groups * d,
             "QKV": (heads + 2 * groups) * d, "Q3": 3 * heads * d, "F": f["ffn_hidden_size"], "F2": 2 * f["ffn_hidden_size"],
-            "P": f.get("seq_length", 0), "G": groups, "NH": heads}
+            "P": f.get("seq_length", 0), "G": groups, "NH": heads,
+            "E": f.get("num_moe_experts") or 0, "FE": f.get("moe_ffn_hidden_size") or 0,
+            "FS": f.get("moe_shared_expert_intermediate_size") or 0}
+
+
+def layer_kinds(f: Fields) -> list[str]:
+    """``"moe"`` or ``"dense"`` per layer, megatron's reading of ``moe_layer_freq`` (an int: every n-th
+    layer from layer 0; a list: 1 = MoE); rules limited to a kind (``for_layers``) follow it."""
+    layers, experts, freq = f["num_layers"], f.get("num_moe_experts"), f.get("moe_layer_freq", 1)
+    if not experts:
+        return ["dense"] * layers
+    pattern = [1 if i % freq == 0 else 0 for i in range(layers)] if isinstance(freq, int) else list(freq)
+    return ["moe" if p else "dense" for p in pattern]
 
 
 class GPTAdapter:
@@ -144,7 +159,8 @@ class GPTAdapter:
             if fields.get(key) is None:
                 raise MappingError(self.architecture, f"config field '{key}' is required to build the tensor table")
         sym = symbols(fields, padded_vocab_size or fields["vocab_size"])
-        return expand(self.spec.table, fields, sym, fields["num_layers"], _NORM_NAMES[bool(te_fused_norms)])
+        return expand(self.spec.table, fields, sym, fields["num_layers"], _NORM_NAMES[bool(te_fused_norms)],
+                      layer_kinds(fields))
 
     def tensor_mappings(self, config: Any, *, te_fused_norms: bool = False) -> "list[TensorMapping]":
         from .fields import fields_from_gpt_config

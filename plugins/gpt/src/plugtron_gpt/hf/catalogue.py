@@ -15,10 +15,27 @@ from plugtron.conversion import UnsupportedConfigError
 #: architecture -> (module under ``plugtron_gpt.hf``, one-line description for ``plugtron plugins``)
 ARCHITECTURES: dict[str, tuple[str, str]] = {
     "LlamaForCausalLM": ("llama", "Llama / Llama-2 / Llama-3 (RoPE incl. llama3 and linear scaling)"),
-    "MistralForCausalLM": ("mistral", "Mistral without active sliding-window attention"),
-    "Qwen2ForCausalLM": ("qwen2", "Qwen2 / Qwen2.5 (qkv bias, YaRN)"),
+    "MistralForCausalLM": ("mistral", "Mistral (v0.1 sliding window included)"),
+    "Qwen2ForCausalLM": ("qwen2", "Qwen2 / Qwen2.5 (qkv bias, YaRN, sliding window)"),
     "Qwen3ForCausalLM": ("qwen3", "Qwen3 dense (q/k layer norms)"),
     "GPT2LMHeadModel": ("gpt2", "GPT-2 (learned positions, LayerNorm, GeLU-tanh)"),
+    "GemmaForCausalLM": ("gemma", "Gemma (scaled embeddings, (1 + w) RMSNorm, GeGLU)"),
+    "Gemma2ForCausalLM": ("gemma2", "Gemma 2 (sandwich norms, soft-capping, alternating sliding window)"),
+    "Gemma3ForCausalLM": ("gemma3", "Gemma 3 text (q/k norms, local and global RoPE bases)"),
+    "Phi3ForCausalLM": ("phi3", "Phi-3 / Phi-4 (fused qkv and gate_up)"),
+    "Olmo2ForCausalLM": ("olmo2", "OLMo 2 (post-norms, full-width q/k norms)"),
+    "GraniteForCausalLM": ("granite", "Granite (embedding, residual, attention and logit multipliers)"),
+    "SmolLM3ForCausalLM": ("smollm3", "SmolLM3 (layers without RoPE)"),
+    "StableLmForCausalLM": ("stablelm", "StableLM (partial rotary, LayerNorm with bias)"),
+    "Starcoder2ForCausalLM": ("starcoder2", "StarCoder2 (biases, LayerNorm, GeLU MLP, sliding window)"),
+    "GlmForCausalLM": ("glm", "GLM-4 (interleaved partial rotary, fused gate_up)"),
+    "Glm4ForCausalLM": ("glm4", "GLM-4-0414 (GLM with post-norms)"),
+    "NemotronForCausalLM": ("nemotron", "Nemotron (squared ReLU, LayerNorm1p, partial rotary)"),
+    "Ernie4_5ForCausalLM": ("ernie4_5", "ERNIE 4.5 dense (interleaved rotary)"),
+    "Qwen3MoeForCausalLM": ("qwen3_moe", "Qwen3-MoE (routed experts, per-expert streaming at any EP)"),
+    "MixtralForCausalLM": ("mixtral", "Mixtral (routed experts)"),
+    "OlmoeForCausalLM": ("olmoe", "OLMoE (routed experts, full-width q/k norms)"),
+    "Qwen2MoeForCausalLM": ("qwen2_moe", "Qwen2-MoE / Qwen1.5-MoE (routed and gated shared experts)"),
 }
 
 

@@ -23,6 +23,10 @@ FIELDS = (
     "rotary_percent", "rope_scaling", "rope_scaling_factor", "seq_len_interpolation_factor",
     "apply_residual_connection_post_layernorm", "layernorm_zero_centered_gamma", "rotary_interleaved",
     "num_moe_experts", "multi_latent_attention", "softmax_scale", "window_size", "apply_query_key_layer_scaling",
+    "embedding_multiplier", "residual_multiplier", "logits_divisor", "norm_placement", "qk_norm_scope",
+    "embedding_multiplier_cast", "attention_softcap", "final_logit_softcap", "rotary_base_local", "window_attn_skip_freq",
+    "no_rope_freq",
+    "moe_ffn_hidden_size", "moe_router_topk", "moe_router_pre_softmax", "moe_layer_freq", "moe_shared_expert_intermediate_size", "moe_shared_expert_gate", "moe_input_jitter_eps", "moe_router_score_function", "moe_router_topk_scaling_factor", "moe_router_num_groups", "moe_router_group_topk", "moe_router_enable_expert_bias",
 )
 _YARN = ("yarn_rotary_scaling_factor", "yarn_original_max_position_embeddings", "yarn_beta_fast", "yarn_beta_slow",
          "yarn_mscale", "yarn_mscale_all_dim", "yarn_correction_range_round_to_int")
@@ -50,6 +54,8 @@ def fields_from_gpt_config(config: Any) -> dict[str, Any]:
         fields.update({name: getattr(config, name) for name in _YARN})
         if (fields["yarn_mscale"], fields["yarn_mscale_all_dim"]) == _YARN_NEUTRAL:
             fields["yarn_mscale"] = fields["yarn_mscale_all_dim"] = None
+    if fields.get("window_size") is not None:  # architectures read JSON lists; the config keeps a tuple
+        fields["window_size"] = list(fields["window_size"])
     if fields["ffn_hidden_size"] is None:
         fields["ffn_hidden_size"] = 4 * fields["hidden_size"]
     return fields

@@ -40,13 +40,18 @@ def _yarn_concentration(factor: float, mscale: float | None, mscale_all_dim: flo
 
 
 def rope_fields_from_hf(raw: Callable[[str], Any], fail: Callable[[str, str], Exception], max_pos: int,
-                        arch: str, *, partial_rotary: bool = False) -> dict[str, Any]:
+                        arch: str, *, partial_rotary: bool = False,
+                        partial_rotary_default: float | None = None,
+                        rope_theta_default: float = DEFAULT_ROPE_THETA) -> dict[str, Any]:
     """Megatron RoPE fields from an HF config.
 
     ``raw(key)`` returns the config value as written (None when absent) and marks
     the key as consumed; ``fail(key, problem)`` builds the error to raise.
     ``partial_rotary``: whether the architecture applies ``partial_rotary_factor``
     (megatron's ``rotary_percent``); where it does not, a factor below 1 is refused.
+    ``partial_rotary_default``: the factor the config class assumes when the file
+    names none (StableLM 0.25, Nemotron 0.5; ``None`` means 1).
+    ``rope_theta_default``: the config class's ``default_theta`` (ERNIE 4.5 5e5, SmolLM3 2e6).
     Handles both ``rope_parameters`` (transformers 5) and the older
     ``rope_scaling`` + top-level ``rope_theta`` spelling.
     """
@@ -63,8 +68,8 @@ def rope_fields_from_hf(raw: Callable[[str], Any], fail: Callable[[str, str], Ex
     rope_type = merged.pop("rope_type", None) or merged.pop("type", None) or "default"
     merged.pop("type", None)
     top_theta, top_partial = raw("rope_theta"), raw("partial_rotary_factor")
-    theta = merged.pop("rope_theta", None) or top_theta or DEFAULT_ROPE_THETA
-    partial = merged.pop("partial_rotary_factor", None) or top_partial
+    theta = merged.pop("rope_theta", None) or top_theta or rope_theta_default
+    partial = merged.pop("partial_rotary_factor", None) or top_partial or partial_rotary_default
     if partial not in (None, 1, 1.0) and not partial_rotary:
         raise fail("partial_rotary_factor", f"is {partial}; partial rotary embeddings are not supported for {arch}")
     missing = object()
@@ -105,16 +110,25 @@ def rope_fields_from_hf(raw: Callable[[str], Any], fail: Callable[[str, str], Ex
     return out
 
 
+def refuse_partial_yarn(k: Any, fields: dict[str, Any]) -> None:
+    """YaRN over part of each head (StableLM, Nemotron defaults) is refused: megatron's YaRN rotates every channel."""
+    if fields.get("position_embedding_type") == "yarn" and fields.get("rotary_percent", 1.0) < 1.0:
+        key = "rope_scaling" if k.cfg.get("rope_scaling") else "rope_parameters"
+        raise k.fail(f"{key}.rope_type", f"'yarn' with partial_rotary_factor {fields['rotary_percent']}: megatron's "
+                                         "YaRN rotates every channel of the head")
+
+
 def rope_parameters_to_hf(f: dict[str, Any], arch: str, *, partial_rotary: bool = False) -> dict[str, Any]:
     """HF ``rope_parameters`` for megatron fields ``f`` (rope or yarn position embeddings).
 
-    With ``partial_rotary`` a ``rotary_percent`` below 1 is written as ``partial_rotary_factor``.
+    With ``partial_rotary`` the ``rotary_percent`` is always written as ``partial_rotary_factor``
+    (config classes such as StableLM's default it to something other than 1).
     """
     if not partial_rotary:
         need_value(f, "rotary_percent", (1, 1.0), arch, 1.0)
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": f.get("rotary_base", DEFAULT_ROPE_THETA)}
-    if partial_rotary and f.get("rotary_percent", 1.0) != 1.0:
-        rope["partial_rotary_factor"] = f["rotary_percent"]
+    if partial_rotary:
+        rope["partial_rotary_factor"] = float(f.get("rotary_percent", 1.0))
     interp = f.get("seq_len_interpolation_factor")
     if interp is not None and (f.get("rope_scaling") or f["position_embedding_type"] == "yarn"):
         raise UnsupportedConfigError("seq_len_interpolation_factor", "cannot be combined with llama-3 or YaRN scaling in HF")

@@ -7,7 +7,7 @@ runs and is subtly wrong. Every key of the HF file must therefore be
 * translated (sizes, the layer pattern, norms, tied embeddings ...),
 * required to have the one value megatron's Mamba stack can reproduce
   (``use_bias`` false, SiLU mixer, ``layer_norm_epsilon`` 1e-5 ...), or
-* known not to change the forward pass: :data:`plugtron_hf_bridge.hf_config.NON_NUMERIC_KEYS`
+* known not to change the forward pass: :data:`plugtron.conversion.NON_NUMERIC_KEYS`
   plus :data:`IGNORED` (each entry says why),
 
 and anything else raises ``UnsupportedConfigError`` naming the key. Values are
@@ -107,7 +107,7 @@ def decode_floats(value: Any) -> Any:
 
 
 def _errors() -> Any:
-    from plugtron_hf_bridge import errors  # lazy: plugtron-mamba works without the bridge
+    from plugtron.conversion import errors
 
     return errors
 
@@ -143,7 +143,7 @@ class _Reader:
         return _errors().UnsupportedConfigError(key, problem, source=self.source)
 
     def reject_leftovers(self) -> None:
-        from plugtron_hf_bridge.hf_config import NON_NUMERIC_KEYS
+        from plugtron.conversion import NON_NUMERIC_KEYS
 
         allowed = NON_NUMERIC_KEYS | set(IGNORED[self.arch]) | self.used
         for key in sorted(set(self.cfg) - allowed):
@@ -264,7 +264,7 @@ def config_to_hf(config: Any, arch: str, passthrough: dict[str, Any] | None = No
     """An HF config dict for ``config``; ``passthrough`` (the source file) keeps its non-numeric keys."""
     import transformers
 
-    from plugtron_hf_bridge.hf_config import NON_NUMERIC_KEYS
+    from plugtron.conversion import NON_NUMERIC_KEYS
 
     _check_common(config, arch)
     pattern, sizes = config.layer_pattern(), config.mamba_sizes()

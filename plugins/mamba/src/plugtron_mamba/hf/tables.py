@@ -38,7 +38,7 @@ joins them back the same way on export (TP=2 parity and bit-exact round trips:
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 #: (HF names, megatron name, kind, HF shapes in symbols of :func:`_symbols`)
 Rule = tuple[tuple[str, ...], str, str, tuple[tuple[str, ...], ...]]
@@ -90,63 +90,15 @@ def rules_for(config: Any) -> list[Rule]:
     return rules
 
 
-def _bridge() -> Any:
-    import plugtron_hf_bridge.errors
-    import plugtron_hf_bridge.mappings
-    import plugtron_hf_bridge.pieces
-
-    return plugtron_hf_bridge
-
-
-def _transforms(kind: str, s: dict[str, int], name: str) -> tuple[Callable, Callable]:
-    m = _bridge().mappings
-    if kind == "copy":
-        return (lambda ts: ts[0]), (lambda t: [t])
-    if kind == "vocab":
-        return (lambda ts: m.pad_vocab(ts[0], s["Vp"])), (lambda t: [m.unpad_vocab(t, s["V"])])
-    if kind == "qkv":
-        return ((lambda ts: m.pack_qkv(*ts, s["G"], s["D"], name)),
-                (lambda t: list(m.unpack_qkv(t, s["G"], s["D"], name))))
-    raise AssertionError(f"unknown mapping kind {kind!r}")
-
-
-def _mapping(rule: Rule, s: dict[str, int]) -> Any:
-    import torch
-
-    bridge = _bridge()
-    hf_names, meg_name, kind, symbolic = rule
-    hf_shapes = tuple(tuple(s[x] for x in shape) for shape in symbolic)
-    fwd, bwd = _transforms(kind, s, meg_name)
-    meg_shape = tuple(fwd([torch.empty(shape, device="meta") for shape in hf_shapes]).shape)
-
-    def check(name: str, t: Any, shape: tuple[int, ...]) -> None:
-        if tuple(t.shape) != shape:
-            raise bridge.errors.MappingError(name, f"has shape {tuple(t.shape)}, the config implies {shape}")
-
-    def to_megatron(ts: list[Any]) -> Any:
-        if len(ts) != len(hf_names):
-            raise bridge.errors.MappingError(meg_name, f"needs {len(hf_names)} HF tensors {hf_names}, got {len(ts)}")
-        for name, t, shape in zip(hf_names, ts, hf_shapes):
-            check(name, t, shape)
-        return fwd(list(ts))
-
-    def to_hf(t: Any) -> list[Any]:
-        check(meg_name, t, meg_shape)
-        return bwd(t)
-
-    pieces = bridge.pieces.pieces_for(kind, hf_names, hf_shapes, s)
-    return bridge.mappings.TensorMapping(hf_names, meg_name, to_megatron, to_hf, hf_shapes, meg_shape, pieces)
-
-
 def tensor_mappings(config: Any) -> list[Any]:
     """Every megatron tensor of the model and the HF tensors it is made from (``TensorMapping`` objects)."""
+    from plugtron.conversion.errors import MappingError
+    from plugtron.conversion.table import assert_unique, checked_mapping
+
     s = _symbols(config)
     if s["Vp"] < s["V"]:
-        raise _bridge().errors.MappingError("word_embeddings", f"padded vocab {s['Vp']} is smaller than vocab {s['V']}")
-    out = [_mapping(rule, s) for rule in rules_for(config)]
-    seen: set[str] = set()
-    for name in [n for m in out for n in m.hf_names] + [m.megatron_name for m in out]:
-        if name in seen:
-            raise AssertionError(f"tensor table uses '{name}' twice")
-        seen.add(name)
+        raise MappingError("word_embeddings", f"padded vocab {s['Vp']} is smaller than vocab {s['V']}")
+    out = [checked_mapping(hf_names, meg_name, kind, tuple(tuple(s[x] for x in shape) for shape in shapes), s)
+           for hf_names, meg_name, kind, shapes in rules_for(config)]
+    assert_unique(out)
     return out
