@@ -14,7 +14,7 @@ def plugtron_register_families() -> list[FamilyInfo]:
             name="gpt",
             config_class="plugtron_gpt.config:GPTModelConfig",
             builder_class="plugtron_gpt.builder:GPTModelBuilder",
-            description="decoder-only transformer (GPT-2, Llama, Mistral, Qwen), RoPE variants and MTP",
+            description="decoder-only transformers (Llama, Qwen, Gemma, GLM, Mixtral ...), RoPE variants, MoE, MLA and MTP",
         )
     ]
 
