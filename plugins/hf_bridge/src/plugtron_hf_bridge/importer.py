@@ -66,6 +66,8 @@ class ImportPlan:
     dtype_name: str
     unused: list[str]
     tokenizer_files: list[str]
+    #: the checkpoint's :class:`.quantization.Scheme` (dequantised on import), None when not quantised
+    quantization: Any = None
 
 
 @attrs.define
@@ -99,18 +101,21 @@ def identify_source(src: str | Path, dtype: str | None,
 def plan_import(src: str | Path, *, tp: int = 1, pp: int = 1, vp: int | None = None, dtype: str | None = None,
                 pm: "PlugtronPluginManager | None" = None, ep: int = 1, etp: int | None = None) -> ImportPlan:
     """Validate ``src`` completely and describe the conversion (phase 1)."""
+    from .quantization import scheme_of
     from .safetensors_io import SafetensorsCheckpoint
 
     source, hf_config, where, arch, adapter = identify_source(src, dtype, pm)
     config = adapter.config_from_hf(hf_config, source=where)
+    scheme = scheme_of(hf_config, where)  # the architecture accepted the key; the engine must read the method
     tokenizer = side_files(source)
     with SafetensorsCheckpoint(source) as ckpt:
-        dtype_name = dtype or stored_dtype(ckpt, source)
+        dtype_name = dtype or stored_dtype(ckpt, source, scheme is not None)
         set_layout(config, tp, pp, vp, dtype_name, ep=ep, etp=etp)
         config.finalize()
         mappings = adapter.tensor_mappings(config)
-        unused = check_table(ckpt, mappings, lambda name: adapter.tolerated_unused(name, config), dtype_name, arch)
-    return ImportPlan(source, hf_config, arch, adapter, config, dtype_name, unused, tokenizer)
+        unused = check_table(ckpt, mappings, lambda name: adapter.tolerated_unused(name, config), dtype_name, arch,
+                             scheme)
+    return ImportPlan(source, hf_config, arch, adapter, config, dtype_name, unused, tokenizer, scheme)
 
 
 def side_files(source: Path) -> list[str]:
@@ -210,10 +215,10 @@ class ShardLoader:
     """The ``load_weights`` hook: fills one materialised chunk with this rank's slices."""
 
     def __init__(self, plan: ImportPlan, ckpt: Any, parallel: Any, progress: bool) -> None:
-        from .region_io import RegionReader
+        from .quantization import reader
 
         self.plan, self.parallel, self.progress = plan, parallel, progress
-        self.reader = RegionReader(ckpt)
+        self.reader = reader(ckpt, plan.quantization)  # FP8 weights dequantised on the way (scale rows r // block)
         self.filled: set[str] = set()
         self.expert_bytes = 0
         self._tables: dict[bool, dict[str, Any]] = {}

@@ -42,8 +42,14 @@ def check_dtype_name(name: str | None) -> None:
         raise ConversionError(f"dtype {name!r} is not supported; choose one of {', '.join(DTYPES)}")
 
 
-def stored_dtype(index: "SafetensorsIndex", source: Path) -> str:
-    """The floating dtype holding most bytes of the checkpoint: what the model keeps unless told otherwise."""
+def stored_dtype(index: "SafetensorsIndex", source: Path, quantized: bool = False) -> str:
+    """The floating dtype holding most bytes of the checkpoint: what the model keeps unless told otherwise.
+
+    A quantised checkpoint (``quantized``: config.json has a ``quantization_config`` the engine reads)
+    is dequantised to bfloat16 unless told otherwise (:mod:`.quantization`).
+    """
+    if quantized:
+        return "bfloat16"
     totals: dict[str, int] = {}
     for entry in index.entries().values():
         if entry.is_floating_point:
@@ -51,31 +57,49 @@ def stored_dtype(index: "SafetensorsIndex", source: Path) -> str:
     if not totals:
         raise ConversionError(f"{source}: the checkpoint holds no floating-point tensors")
     name = max(totals, key=totals.__getitem__)
+    if name.startswith("float8"):
+        raise ConversionError(f"{source}: weights are stored as {name} without a quantization_config in config.json; "
+                              "their scales are unknown, so they cannot be dequantised")
     if name not in DTYPES:
         raise ConversionError(f"{source}: weights are stored as {name}; pass --dtype with one of {', '.join(DTYPES)}")
     return name
 
 
 def check_table(index: "SafetensorsIndex", mappings: "Iterable[TensorMapping]", tolerated: Callable[[str], bool],
-                dtype_name: str, architecture: str) -> list[str]:
+                dtype_name: str, architecture: str, quantization: Any = None) -> list[str]:
     """Strict name, shape and dtype check of the whole table; returns the extra names that are tolerated.
 
-    Every problem is collected first and all are raised together.
+    Every problem is collected first and all are raised together. ``quantization`` (a
+    :class:`.quantization.Scheme`, or None): the block scales of the table's FP8 weights are
+    their companions, not unused tensors, and must fit their weights; float8 or MXFP4 tensors
+    the engine cannot dequantise are refused by name.
     """
+    from . import quantization as q
+
     needed = {name: shape for m in mappings for name, shape in zip(m.hf_names, m.hf_shapes)}
     available = set(index.names())
     present = sorted(set(needed) & available)
-    extra = sorted(available - set(needed))
+    scales = {s for w, s in q.scaled_weights(index, quantization).items() if w in needed}
+    extra = sorted(available - set(needed) - scales)
     wrong = [f"{name} {index.shape(name)} != {needed[name]}" for name in present if index.shape(name) != needed[name]]
     error = TensorSetError.combined(str(index.directory), {
         f"tensors the {architecture} table needs are missing": sorted(set(needed) - available),
-        "tensors present but used by no mapping": [name for name in extra if not tolerated(name)],
+        "tensors present but used by no mapping": [name for name in extra if not _tolerated(name, tolerated)],
         "tensor shapes differ from what config.json implies": wrong,
         "tensors stored with a non-floating dtype where a float weight belongs": _not_floating(index, present, dtype_name),
+        **q.problems(index, present, quantization),
     })
     if error is not None:
         raise error
     return extra
+
+
+def _tolerated(name: str, tolerated: Callable[[str], bool]) -> bool:
+    """Tolerated itself, or the scale (or MXFP4 part) of a tolerated tensor: it goes where its weight goes."""
+    from .quantization import companion_of
+
+    base = companion_of(name)
+    return tolerated(name) or (base is not None and tolerated(base))
 
 
 def _not_floating(index: "SafetensorsIndex", names: list[str], dtype_name: str) -> list[str]:
@@ -108,9 +132,12 @@ def preflight_import(src: str | Path, *, dtype: str | None = None,
     if hasattr(adapter, "to_fields"):
         check_expert_layout(adapter.to_fields(hf_config, source=where), ep, etp, where)
     side_files(source)
+    from .quantization import scheme_of
+
+    scheme = scheme_of(hf_config, where)
     index = SafetensorsIndex(source)
-    dtype_name = dtype or stored_dtype(index, source)
-    check_table(index, mappings, tolerated, dtype_name, arch)
+    dtype_name = dtype or stored_dtype(index, source, scheme is not None)
+    check_table(index, mappings, tolerated, dtype_name, arch, scheme)
     return True
 
 
