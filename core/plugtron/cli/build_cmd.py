@@ -7,7 +7,7 @@ from typing import Any
 
 import warnings
 
-from plugtron.runtime.launcher import FAILURE_TIMEOUT_S, relaunch, under_launcher
+from plugtron.runtime.launcher import FAILURE_TIMEOUT_S, check_world, relaunch, under_launcher
 
 
 def add_parser(commands: Any) -> None:
@@ -90,9 +90,21 @@ def run(args: argparse.Namespace) -> int:
     _hooks(args.pre_wrap_hook, "--pre-wrap-hook")  # a wrong path fails here, before any rank starts
     _hooks(args.post_wrap_hook, "--post-wrap-hook")
     world = _world_size(config, args)
-    if world > 1 and not under_launcher():
+    if under_launcher():
+        # An external launcher's extra ranks are data parallelism, unless --dp fixed the world.
+        check_world(world, _layout_flags(config, args), exact=args.dp is not None)
+    elif world > 1:
         return relaunch(world, args.argv)
     return _build_on_this_rank(config, args, pm)
+
+
+def _layout_flags(config: Any, args: argparse.Namespace) -> str:
+    """The layout as flags with the config's values (``--tp 4 --pp 2``), for messages."""
+    ep, etp = _expert_layout(config)
+    values = {"tp": config.tensor_model_parallel_size, "pp": config.pipeline_model_parallel_size, "ep": ep, "etp": etp}
+    flags = [f"--{name} {value}" for name, value in values.items() if value not in (None, 1)]
+    flags += [f"--dp {args.dp}"] if args.dp is not None else []
+    return " ".join(flags) or "--tp 1 --pp 1"
 
 
 def _world_size(config: Any, args: argparse.Namespace) -> int:

@@ -20,8 +20,16 @@ because each of torchrun's habits broke a promise plugtron makes:
 
 When one rank exits non-zero the others get SIGTERM at once and SIGKILL after
 :data:`GRACE_S`: no rank waits for a collective that can never complete.
-Commands started by an external launcher that sets ``RANK`` and
-``WORLD_SIZE`` (torchrun on several nodes, ``srun``) run directly on their rank.
+
+Commands started by an external launcher run directly on their rank and never
+start ranks of their own; :func:`launched` is the one place that decides
+whether this process is such a rank: torch's variables (``RANK`` and
+``WORLD_SIZE``: torchrun on one or several nodes, this module, any launcher
+that sets them) win, else SLURM's (``SLURM_PROCID`` of ``SLURM_NTASKS`` > 1
+tasks inside an ``srun`` step, or with ``MASTER_ADDR`` exported), which
+:func:`adopt_launch` maps onto torch's before the process group starts. A
+world that does not fit the command's layout is refused on every rank before
+any rendezvous (:func:`check_world`), so no rank waits for peers that never come.
 """
 
 from __future__ import annotations
@@ -37,7 +45,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import IO, Iterator, Sequence
+from typing import IO, Iterator, Mapping, Sequence
+
+import attrs
+
+from plugtron.errors import PlugtronError
 
 #: Process-group timeout of every command: a peer that never arrives ends the job after this.
 FAILURE_TIMEOUT_S = 60.0
@@ -48,9 +60,116 @@ _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _ERROR_DIR = "PLUGTRON_ERROR_DIR"
 
 
+_MARK = "PLUGTRON_LAUNCHED"
+
+
+class LaunchError(PlugtronError):
+    """The launcher's environment is incomplete or does not fit the command (one line, on every rank)."""
+
+
+@attrs.frozen
+class Launch:
+    """This rank as a launcher started it: where in the world it is, and the torch variables that say so."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    #: Who started it, for messages: "plugtron", "torchrun", "srun" or "the launcher".
+    source: str
+    #: The variable the world size came from (named in errors).
+    world_var: str
+    #: torch.distributed's ``env://`` variables for this rank (SLURM's mapped onto them).
+    env: dict[str, str] = attrs.field(factory=dict, repr=False)
+
+
+def _int_var(environ: Mapping[str, str], name: str) -> int:
+    text = environ[name].strip()
+    try:
+        return int(text)
+    except ValueError:
+        raise LaunchError(f"{name}={environ[name]!r} is not a whole number") from None
+
+
+def _slurm_tasks(environ: Mapping[str, str]) -> str | None:
+    """The variable holding this srun step's task count (the step's own, else the job's)."""
+    for name in ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS"):
+        if name in environ:
+            return name
+    return None
+
+
+def launched(environ: Mapping[str, str] | None = None) -> Launch | None:
+    """This process's place in a multi-rank launch, or None when nothing launched it as a rank.
+
+    torch's variables first (torchrun also runs inside SLURM jobs, whose
+    variables its workers inherit). SLURM counts when ``SLURM_PROCID`` is set
+    with more than one task and the process is in an ``srun`` step
+    (``SLURM_STEP_ID``) or ``MASTER_ADDR`` was exported for it: a batch script
+    itself (one process, no step) is no rank, and its ``plugtron`` command
+    starts its own local ranks as anywhere else.
+    """
+    environ = os.environ if environ is None else environ
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        rank, world = _int_var(environ, "RANK"), _int_var(environ, "WORLD_SIZE")
+        source = ("plugtron" if environ.get(_MARK) else "torchrun" if "TORCHELASTIC_RUN_ID" in environ
+                  else "the launcher")
+        local = _int_var(environ, "LOCAL_RANK") if "LOCAL_RANK" in environ else rank
+        return Launch(rank, world, local, source, "WORLD_SIZE", {})
+    tasks = _slurm_tasks(environ)
+    if "SLURM_PROCID" not in environ or tasks is None or _int_var(environ, tasks) < 2:
+        return None
+    if "SLURM_STEP_ID" not in environ and "MASTER_ADDR" not in environ:
+        return None
+    rank, world = _int_var(environ, "SLURM_PROCID"), _int_var(environ, tasks)
+    local = _int_var(environ, "SLURM_LOCALID") if "SLURM_LOCALID" in environ else 0
+    env = {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(local)}
+    return Launch(rank, world, local, "srun", tasks, env)
+
+
 def under_launcher() -> bool:
-    """True inside a rank started by this module, torchrun or an equivalent (RANK and WORLD_SIZE set)."""
-    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+    """True inside a rank some launcher started (this module, torchrun, srun): see :func:`launched`."""
+    return launched() is not None
+
+
+def adopt_launch() -> Launch | None:
+    """Before ``init_process_group(init_method="env://")``: this rank's torch variables, SLURM's mapped.
+
+    Checks what the rendezvous needs, so a missing ``MASTER_ADDR`` /
+    ``MASTER_PORT`` or a rank outside the world is one line on every rank
+    instead of torch's error or a wait.
+    """
+    launch = launched()
+    if launch is None:
+        return None
+    if not 0 <= launch.rank < launch.world_size:
+        raise LaunchError(f"{launch.source} gave rank {launch.rank} of a world of {launch.world_size} "
+                          f"({launch.world_var}={launch.world_size})")
+    if launch.world_size > 1:
+        for name in ("MASTER_ADDR", "MASTER_PORT"):
+            if not os.environ.get(name):
+                raise LaunchError(f"{name} is not set: {launch.source} started this rank ({launch.world_var}="
+                                  f"{launch.world_size}) without a rendezvous address; export MASTER_ADDR=<first "
+                                  "node's host> and MASTER_PORT=<free port> for every rank")
+        _int_var(os.environ, "MASTER_PORT")
+    for name, value in launch.env.items():
+        os.environ.setdefault(name, value)
+    return launch
+
+
+def check_world(needed: int, flags: str, *, exact: bool = True) -> None:
+    """Under a launcher: refuse a world size that does not fit the layout ``flags`` asks for (``needed`` ranks).
+
+    Runs on every rank before the rendezvous, so each one exits with the same
+    line at once. ``exact=False`` accepts multiples (extra ranks as data parallelism).
+    """
+    launch = launched()
+    if launch is None or launch.world_size == needed:
+        return
+    if not exact and launch.world_size % needed == 0:
+        return
+    want = f"{needed} ranks" if exact else f"a multiple of {needed} ranks"
+    raise LaunchError(f"{flags} needs {want}, but {launch.source} started {launch.world_size} "
+                      f"({launch.world_var}={launch.world_size}): launch {needed} ranks in all, or change {flags}")
 
 
 def python_command(module: str, argv: Sequence[str] = ()) -> list[str]:
@@ -67,8 +186,12 @@ def safe_env(**extra: str) -> dict[str, str]:
 
 def report_error(message: str) -> None:
     """Print a command's one-line error, or hand it to the launcher when this rank has one."""
-    rank = os.environ.get("RANK")
-    if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1":
+    try:
+        launch = launched()
+    except LaunchError:
+        launch = None
+    rank = None if launch is None else launch.rank
+    if launch is not None and launch.world_size != 1:
         message = f"[rank {rank}] {message}"
     folder = os.environ.get(_ERROR_DIR)
     if folder and Path(folder).is_dir():
@@ -213,7 +336,8 @@ def launch(nproc: int, module: str, argv: Sequence[str], *, timeout_s: float | N
         (run_dir / "errors").mkdir()
         (run_dir / "tmp").mkdir()
         env = safe_env(WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1",
-                       MASTER_PORT=str(free_port()), TMPDIR=str(run_dir / "tmp"), **{_ERROR_DIR: str(run_dir / "errors")})
+                       MASTER_PORT=str(free_port()), TMPDIR=str(run_dir / "tmp"),
+                       **{_ERROR_DIR: str(run_dir / "errors"), _MARK: "1"})
         ranks = _Ranks(_start(nproc, python_command(module, argv), env, logs))
         code = _watch(ranks, timeout_s)
         message = first_error(run_dir / "errors")

@@ -1,7 +1,9 @@
 """One entry point for torch.distributed and megatron's model-parallel groups.
 
-Works under torchrun (reads RANK/WORLD_SIZE/MASTER_ADDR) and in a plain single
-process (creates a one-rank gloo group on a free loopback port). Chooses NCCL
+Works under a launcher (plugtron's own, torchrun on one or several nodes, or
+srun: :func:`plugtron.runtime.launcher.launched` decides, and SLURM's variables
+are mapped onto torch's ``env://`` ones) and in a plain single process (creates
+a one-rank gloo group on a free loopback port). Chooses NCCL
 when CUDA is present and gloo otherwise, and switches the CPU runtime on when
 there is no CUDA.
 
@@ -21,7 +23,7 @@ from typing import Any
 import attrs
 
 from plugtron.errors import PipelineError
-from plugtron.runtime.launcher import free_port
+from plugtron.runtime.launcher import adopt_launch, free_port
 
 
 @attrs.frozen
@@ -70,8 +72,16 @@ def _init_process_group(backend: str, timeout: datetime.timedelta) -> None:
 
     if dist.is_initialized():
         return
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        dist.init_process_group(backend=backend, timeout=timeout)
+    launch = adopt_launch()
+    if launch is not None and (launch.world_size > 1 or "MASTER_ADDR" in os.environ):
+        try:
+            dist.init_process_group(backend=backend, init_method="env://", timeout=timeout)
+        except (dist.DistStoreError, dist.DistNetworkError) as exc:  # a rank never came, or the address is wrong
+            where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+            raise PipelineError(
+                f"rendezvous at {where} (MASTER_ADDR:MASTER_PORT) failed for rank {launch.rank} of "
+                f"{launch.world_size} ({launch.world_var}={launch.world_size}): {' '.join(str(exc).split())}"
+            ) from exc
         return
     port = free_port()
     dist.init_process_group(
@@ -189,10 +199,11 @@ def initialize_parallel(
     backend = backend or ("nccl" if cuda else "gloo")
     if backend == "nccl" and not cuda:
         raise PipelineError("backend 'nccl' needs CUDA; use gloo on this machine")
+    launch = adopt_launch()  # SLURM's variables as torch's, before LOCAL_RANK is read
     if not cuda:
         cpu.enable()
-    elif "LOCAL_RANK" in os.environ:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    elif launch is not None:
+        torch.cuda.set_device(launch.local_rank)
     _init_process_group(backend, datetime.timedelta(seconds=timeout_s))
     world = dist.get_world_size()
     etp = etp or tp

@@ -11,6 +11,12 @@ imports none of torch, megatron or transformers), so bad input is a one-line
 error with exit code 2, and only then starts its ranks with plugtron's
 launcher. Each rank (and a one-rank command) plans once and passes the plan on.
 
+Under an external launcher (torchrun on one or several nodes, srun:
+:func:`plugtron.runtime.launcher.launched` decides) a command starts no ranks:
+each rank checks that the launcher's world is exactly the layout's (else one
+line naming the flags and the world size, on every rank, before any
+rendezvous), plans, and reads only its own bytes; global rank 0 writes.
+
 ``--ep`` / ``--etp`` set a MoE model's expert layout. The world size is
 megatron's (:func:`plugtron.runtime.parallel.world_size_for`, as ``plugtron
 build`` sizes it): experts reuse data- and tensor-parallel ranks, so ``--tp 2
@@ -104,6 +110,20 @@ def _world(args: argparse.Namespace) -> int:
     return world_size_for(args.tp, args.pp, ep=args.ep, etp=args.etp)
 
 
+def _layout_flags(args: argparse.Namespace) -> str:
+    """The layout flags as given (``--tp 4``, ``--tp 2 --ep 2``), for messages."""
+    flags = [f"--{name} {getattr(args, name)}" for name in ("tp", "pp", "vp", "ep", "etp")
+             if getattr(args, name) not in (None, 1)]
+    return " ".join(flags) or "--tp 1 --pp 1"
+
+
+def _check_world(args: argparse.Namespace) -> None:
+    """Under an external launcher: its world must be the layout's, checked before anything heavy runs."""
+    from plugtron.runtime.launcher import check_world
+
+    check_world(_world(args), _layout_flags(args))
+
+
 def _launches(args: argparse.Namespace) -> bool:
     """True in the process that must start the ranks (more than one rank, not already one of them)."""
     from plugtron.runtime.launcher import under_launcher
@@ -166,6 +186,7 @@ def run_convert(args: argparse.Namespace) -> int:
 
     from .exporter import parse_size, refuse_existing
 
+    _check_world(args)
     pm = manager_for(args)
     refuse_existing(args.dst, args.overwrite, sources=[args.src])
     parse_size(args.max_shard_size)
@@ -254,6 +275,7 @@ def run_verify(args: argparse.Namespace) -> int:
     _quiet()
     from plugtron.cli import manager_for
 
+    _check_world(args)
     pm = manager_for(args)
     plan = _check_hf(args, pm)
     if _launches(args):
