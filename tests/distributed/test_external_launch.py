@@ -167,3 +167,24 @@ def test_srun_without_a_rendezvous_address_is_one_line(monkeypatch: pytest.Monke
     monkeypatch.setenv("SLURM_PROCID", "x")
     with pytest.raises(LaunchError, match=r"SLURM_PROCID='x' is not a whole number"):
         launched()
+
+
+@pytest.mark.multiprocess
+def test_a_rank_whose_rank_0_never_comes_gives_up_within_the_timeout(tmp_path: Path) -> None:
+    """torch's store client retries a timed-out connection after a random back-off (measured: 28.8 s for a
+    20 s timeout, 19.5 s for 10 s); plugtron's own probe keeps the wait at the timeout."""
+    timeout = 20.0
+    script = ("import sys, time\n"
+              "import megatron.core.parallel_state, torch.distributed  # imports outside the measured wait\n"
+              "from plugtron.runtime.parallel import initialize_parallel\n"
+              "start = time.monotonic()\n"
+              "try:\n"
+              f"    initialize_parallel(2, timeout_s={timeout})\n"
+              "except Exception as error:\n"
+              "    print(f'{time.monotonic() - start:.2f}', error, file=sys.stderr)\n")
+    env = _env(RANK="1", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    line = done.stderr.strip().splitlines()[-1]
+    assert "rendezvous at 127.0.0.1" in line and "failed for rank 1 of 2" in line, done.stderr[-2000:]
+    assert float(line.split()[0]) < 1.2 * timeout, line

@@ -75,6 +75,8 @@ def _init_process_group(backend: str, timeout: datetime.timedelta) -> None:
     launch = adopt_launch()
     if launch is not None and (launch.world_size > 1 or "MASTER_ADDR" in os.environ):
         try:
+            if launch.rank != 0:
+                _wait_for_rendezvous_host(timeout)
             dist.init_process_group(backend=backend, init_method="env://", timeout=timeout)
         except (dist.DistStoreError, dist.DistNetworkError) as exc:  # a rank never came, or the address is wrong
             where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
@@ -87,6 +89,33 @@ def _init_process_group(backend: str, timeout: datetime.timedelta) -> None:
     dist.init_process_group(
         backend=backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, timeout=timeout
     )
+
+
+def _wait_for_rendezvous_host(timeout: datetime.timedelta) -> None:
+    """Wait, ``timeout`` at most, until the rendezvous store's port accepts connections.
+
+    torch's store client retries a connection that timed out once, after a
+    random back-off (measured on torch 2.13: a 10 s timeout gave up after
+    19.5 s, a 3 s one after 13 s), so a rank whose rank 0 never starts waited
+    about twice the failure timeout. Plain connection attempts bound the wait;
+    once the port answers, ``env://`` connects at once.
+    """
+    import socket
+    import time
+
+    import torch.distributed as dist
+
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    deadline = time.monotonic() + timeout.total_seconds()
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=1.0).close()
+            return
+        except OSError:
+            if time.monotonic() >= deadline:
+                raise dist.DistNetworkError(f"nothing answered at {host}:{port} within "
+                                            f"{timeout.total_seconds():.0f} s") from None
+            time.sleep(0.2)
 
 
 _current_layout: dict[str, Any] = {}
