@@ -20,7 +20,7 @@ def _error(config) -> ConfigError:
 
 @pytest.mark.parametrize(
     ("pattern", "char", "position"),
-    [("M*X-", "X", 2), ("mM*-", "m", 0), ("M*M ", " ", 3), ("M*ME", "E", 3)],
+    [("M*X-", "X", 2), ("mM*-", "m", 0), ("M*M ", " ", 3), ("M*Me", "e", 3)],
 )
 def test_bad_pattern_character_names_field_character_and_position(tiny_config, pattern, char, position):
     error = _error(tiny_config(hybrid_override_pattern=pattern))
@@ -29,8 +29,10 @@ def test_bad_pattern_character_names_field_character_and_position(tiny_config, p
     assert "'M' (Mamba)" in str(error) and "'*' (attention)" in str(error) and "'-' (MLP)" in str(error)
 
 
-def test_moe_symbol_says_moe_is_unsupported(tiny_config):
-    assert "MoE layers are not supported" in str(_error(tiny_config(hybrid_override_pattern="M*ME")))
+def test_moe_symbol_needs_experts(tiny_config):
+    """'E' layers are built (tests/mamba/test_mamba_moe_*.py); without an expert count they cannot be."""
+    error = _error(tiny_config(hybrid_override_pattern="M*ME"))
+    assert error.field == "num_moe_experts" and "'E'" in str(error)
 
 
 @pytest.mark.parametrize("pattern", ["M*M", "M*M-M"])

@@ -88,7 +88,6 @@ def test_nemotron_h_tie_word_embeddings_is_ignored_like_transformers_does() -> N
     (MAMBA2, "hidden_act", "gelu"),
     (MAMBA2, "layer_norm_epsilon", 1e-6),
     (MAMBA2, "time_step_limit", [0.0, 10.0]),
-    (NEMOTRON_H, "layers_block_type", ["linear_attention", "moe", "full_attention"]),
     (NEMOTRON_H, "mlp_hidden_act", "silu"),
     (NEMOTRON_H, "mlp_bias", True),
     (NEMOTRON_H, "mamba_hidden_act", "gelu"),

@@ -2,7 +2,9 @@
 
 The layer sequence is megatron's *hybrid override pattern*: one character per
 decoder layer, ``M`` a Mamba-2 mixer layer, ``*`` a self-attention layer, ``-``
-an MLP layer (``"M*M-"`` is four layers). Without a pattern, megatron derives
+an MLP layer, ``E`` a Mixture-of-Experts layer (megatron's ``MoELayer``: router,
+routed experts, optional shared expert; needs ``num_moe_experts``), so
+``"M*M-"`` is four layers. Without a pattern, megatron derives
 one from ``hybrid_attention_ratio`` / ``hybrid_mlp_ratio`` (all ``M`` when both
 are 0); :meth:`MambaModelConfig.layer_pattern` asks megatron's own allocator,
 so both specs build the same sequence.
@@ -17,8 +19,9 @@ Rules :meth:`MambaModelConfig.validate` enforces before any tensor exists, and
 why: an invalid pattern character or length would otherwise surface as a bare
 ``ValueError`` deep in construction; mixer sizes that do not divide (heads by
 groups, heads/groups by TP) would fail inside the mixer; settings megatron's
-Mamba stack does not build (MoE ``E`` layers, ``num_moe_experts``, explicit
-pipeline layouts) would be ignored or misplaced silently.
+Mamba stack does not build (explicit pipeline layouts, MTP) would be ignored or
+misplaced silently; MoE fields without ``E`` layers would be ignored, and ``E``
+layers without ``num_moe_experts`` cannot be built (:mod:`plugtron_mamba.moe_rules`).
 """
 
 from __future__ import annotations
@@ -30,10 +33,9 @@ from plugtron.config.language import LanguageModelConfig
 from plugtron.errors import ConfigError
 
 #: Pattern characters this family builds, with what they mean.
-LAYER_SYMBOLS = {"M": "Mamba", "*": "attention", "-": "MLP"}
+LAYER_SYMBOLS = {"M": "Mamba", "*": "attention", "-": "MLP", "E": "MoE"}
 POSITION_EMBEDDINGS = ("none", "rope", "learned_absolute")
 UNSUPPORTED = {
-    "num_moe_experts": "the mamba family builds no MoE layers",
     "pipeline_model_parallel_layout": "megatron's Mamba stack splits layers evenly (or by first/last stage counts), not by layout",
     "account_for_embedding_in_pipeline_split": "megatron's Mamba stack does not count the embedding as a pipeline layer",
     "account_for_loss_in_pipeline_split": "megatron's Mamba stack does not count the loss as a pipeline layer",
@@ -53,7 +55,7 @@ class MambaModelConfig(LanguageModelConfig):
     family: ClassVar[str] = "mamba"
     unsupported: ClassVar[dict[str, str]] = UNSUPPORTED
 
-    #: One character per layer: ``M`` Mamba, ``*`` attention, ``-`` MLP. ``None``: from the ratios.
+    #: One character per layer: ``M`` Mamba, ``*`` attention, ``-`` MLP, ``E`` MoE. ``None``: from the ratios.
     hybrid_override_pattern: str | None = None
     hybrid_attention_ratio: float = 0.0
     hybrid_mlp_ratio: float = 0.0
@@ -107,6 +109,25 @@ class MambaModelConfig(LanguageModelConfig):
         self._check_pattern()
         self._check_mamba()
         self._check_position_embedding()
+        from plugtron_mamba.moe_rules import check_moe
+
+        check_moe(self)
+
+    def is_moe(self) -> bool:
+        """Whether the model has Mixture-of-Experts (``E``) layers."""
+        return bool(self._get("num_moe_experts"))
+
+    def auto_sequence_parallel(self) -> bool:
+        """megatron refuses MoE at TP > 1 without sequence parallelism: switched on when left unset
+        (numerically the same model; never written into saved configs). An explicit false is refused."""
+        tp = self._get("tensor_model_parallel_size", 1) or 1
+        return tp > 1 and self.is_moe() and "sequence_parallel" not in self._tc_kwargs
+
+    def megatron_kwargs(self) -> dict[str, Any]:
+        kwargs = super().megatron_kwargs()
+        if self.auto_sequence_parallel():
+            kwargs["sequence_parallel"] = True
+        return kwargs
 
     def _check_pattern(self) -> None:
         pattern, layers = self.hybrid_override_pattern, self._get("num_layers")
@@ -122,8 +143,7 @@ class MambaModelConfig(LanguageModelConfig):
         symbols = ", ".join(f"'{s}' ({what})" for s, what in LAYER_SYMBOLS.items())
         for position, char in enumerate(pattern):
             if char not in LAYER_SYMBOLS:
-                extra = " (MoE layers are not supported by the mamba family)" if char == "E" else ""
-                self._fail("hybrid_override_pattern", f"character {char!r} at position {position} is not one of {symbols}{extra}")
+                self._fail("hybrid_override_pattern", f"character {char!r} at position {position} is not one of {symbols}")
         if len(pattern) != layers:
             self._fail("hybrid_override_pattern", f"has {len(pattern)} layers ({pattern!r}) but num_layers is {layers}; they must be equal")
 

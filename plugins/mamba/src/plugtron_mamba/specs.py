@@ -6,8 +6,10 @@ megatron's ``MambaModel`` takes it:
 * ``torch``: :class:`~plugtron_mamba.stack.HybridStack` with megatron's
   ``MambaLayer`` around the pure-PyTorch :class:`TorchMambaMixer`, and megatron
   ``TransformerLayer`` objects built from megatron-core's own modules for the
-  attention and MLP layers. The first projection of every layer carries its
-  input norm (:class:`~plugtron_mamba.layers.ColumnParallelLinearWithLN`), so
+  attention and MLP layers, and megatron's ``MoELayer`` (SequentialMLP experts,
+  shared expert, allgather/alltoall dispatchers) for the ``E`` layers behind a
+  separate pre-MLP norm, as in megatron's own Mamba spec. The first projection
+  of every Mamba, attention and MLP layer carries its input norm (:class:`~plugtron_mamba.layers.ColumnParallelLinearWithLN`), so
   parameter names are those of megatron's TE-based Mamba spec. CPU and GPU.
 * ``mamba_ssm``: megatron's own ``mamba_stack_spec`` (``MambaStack``,
   ``MambaMixer`` with the mamba_ssm / causal_conv1d kernels, transformer-engine
@@ -84,7 +86,10 @@ def torch_spec(config: Any) -> Any:
     )
     mlp = ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinearWithLN, linear_fc2=RowParallelLinear))
     mlp_layer = ModuleSpec(module=TransformerLayer, submodules=TransformerLayerSubmodules(mlp=mlp, mlp_bda=get_bias_dropout_add))
-    return hybrid_stack_spec(mamba_layer, attention_layer, mlp_layer, TorchFinalNorm, config.layer_pattern())
+    from plugtron_mamba.moe import moe_layer_spec
+
+    moe_layer = moe_layer_spec(config) if "E" in config.layer_pattern() else None
+    return hybrid_stack_spec(mamba_layer, attention_layer, mlp_layer, TorchFinalNorm, config.layer_pattern(), moe_layer)
 
 
 def mamba_ssm_spec(config: Any) -> Any:

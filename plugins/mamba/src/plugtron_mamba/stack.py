@@ -11,6 +11,7 @@ two differences that make it usable here:
   ``TransformerLayer`` uses for its own ``layer_number``, so Mamba, attention and
   MLP layers of a stage always agree on their global numbers.
 
+MoE (``E``) layers are megatron's ``MoETransformerLayer`` (a TransformerLayer).
 Attention (``*``) and MLP (``-``) layers are plain megatron ``TransformerLayer``
 objects whose spec leaves out the other half (megatron's ``MLPLayer`` is the
 same class without the ``vp_stage`` argument, which VP needs).
@@ -25,6 +26,7 @@ from torch import Tensor
 
 from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
 from megatron.core.ssm.mamba_block import MambaStackSubmodules
+from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_block import get_num_layers_to_build
@@ -82,9 +84,9 @@ class HybridStack(MegatronModule):
                 submodules.mamba_layer, config=self.config, residual_in_fp32=False,
                 layer_number=self.layer_offset + index + 1, pp_layer_offset=self.layer_offset, pg_collection=pg_collection,
             )
-        spec = {"*": submodules.attention_layer, "-": submodules.mlp_layer}.get(kind)
-        if spec is None:
-            raise ValueError(f"layer symbol {kind!r} is not one of 'M', '*', '-'")
+        spec = {"*": submodules.attention_layer, "-": submodules.mlp_layer, "E": submodules.moe_layer}.get(kind)
+        if spec is None or (kind == "E" and spec is IdentityOp):
+            raise ValueError(f"layer symbol {kind!r} is not one of 'M', '*', '-', 'E' (with a MoE layer spec)")
         # TransformerLayer adds the stage offset itself (from the same megatron function)
         return build_module(spec, config=self.config, layer_number=index + 1, vp_stage=self.vp_stage, pg_collection=pg_collection)
 
@@ -132,10 +134,14 @@ class HybridStack(MegatronModule):
         return result
 
 
-def hybrid_stack_spec(mamba_layer: Any, attention_layer: Any, mlp_layer: Any, final_norm: Any, pattern: str) -> ModuleSpec:
+def hybrid_stack_spec(mamba_layer: Any, attention_layer: Any, mlp_layer: Any, final_norm: Any, pattern: str,
+                      moe_layer: Any = None) -> ModuleSpec:
     """A ``HybridStack`` spec for one model; ``pattern`` travels in the spec's params."""
+    layers = dict(mamba_layer=mamba_layer, attention_layer=attention_layer, mlp_layer=mlp_layer)
+    if moe_layer is not None:
+        layers["moe_layer"] = moe_layer
     return ModuleSpec(
         module=HybridStack,
-        submodules=MambaStackSubmodules(mamba_layer=mamba_layer, attention_layer=attention_layer, mlp_layer=mlp_layer),
+        submodules=MambaStackSubmodules(**layers),
         params={"pattern": pattern, "final_norm": final_norm},
     )

@@ -22,8 +22,8 @@ Facts of transformers 5 this relies on (checked against its modeling code):
   fix the latter at 1e-5, so any other value is refused;
 * NemotronH layers are ``linear_attention`` (Mamba-2, ``M``), ``full_attention``
   (``*``: GQA without RoPE, no biases, scale ``head_dim**-0.5``), ``mlp`` (``-``:
-  ``down(relu(up(x))**2)``, not gated) and ``moe`` (``E``, refused); every layer
-  is pre-norm (RMSNorm) plus residual, as megatron's hybrid layers;
+  ``down(relu(up(x))**2)``, not gated) and ``moe`` (``E``, see :mod:`.moe`); every
+  layer is pre-norm (RMSNorm) plus residual, as megatron's hybrid layers;
 * NemotronH's mixer width is ``mamba_num_heads * mamba_head_dim`` (``expand`` is
   not read), and its ``lm_head`` is never tied to the embeddings, whatever
   ``tie_word_embeddings`` says (its tied-weights table is empty).
@@ -40,6 +40,8 @@ from __future__ import annotations
 import copy
 import math
 from typing import Any, Callable
+
+from .moe import MOE_IGNORED, moe_fields_from_hf, moe_fields_to_hf
 
 MAMBA2 = "Mamba2ForCausalLM"
 NEMOTRON_H = "NemotronHForCausalLM"
@@ -74,12 +76,14 @@ IGNORED: dict[str, dict[str, str]] = {
         "num_logits_to_keep": "generation only", "use_cache": "generation cache only",
         "auto_map": "names remote code; the bridge uses transformers' own class",
         "num_hidden_layers": "derived from the layer types by transformers",
+        # published Nemotron-3 Nano / NemotronH configs carry these; transformers' NemotronH reads none of them
+        "norm_eps": "not read: every NemotronH norm uses layer_norm_epsilon",
+        "rope_theta": "not read: NemotronH's attention has no rotary embedding",
+        "partial_rotary_factor": "not read: NemotronH's attention has no rotary embedding",
     },
 }
-#: NemotronH keys read only by MoE layers / multi-token-prediction layers (both refused when present).
-_MOE_KEYS = ("n_routed_experts", "output_router_logits", "n_shared_experts", "moe_intermediate_size",
-             "moe_shared_expert_intermediate_size", "moe_latent_size", "moe_shared_expert_overlap",
-             "num_experts_per_tok", "routed_scaling_factor", "n_group", "topk_group", "norm_topk_prob")
+IGNORED[NEMOTRON_H].update(MOE_IGNORED)  # MoE keys transformers' forward never reads (kept on export)
+#: NemotronH keys read only by multi-token-prediction layers (refused when present).
 _MTP_KEYS = ("mtp_layers_block_type", "mtp_hybrid_override_pattern")
 #: NemotronH's legacy spellings (transformers renames them on load): canonical key -> legacy keys.
 _LEGACY = {"n_groups": ("mamba_n_groups",), "conv_kernel": ("mamba_d_conv",), "expand": ("mamba_expand",),
@@ -190,10 +194,10 @@ def nemotron_h_fields(r: _Reader) -> dict[str, Any]:
     eps = _common_mixer_checks(r, "mamba_hidden_act")
     types = r.get("layers_block_type")
     pattern = "".join(_SYMBOLS.get(t, "?") for t in types)
-    if "E" in pattern or "?" in pattern:
-        raise r.fail("layers_block_type", f"{types} has MoE or unknown layers; the mamba family builds only "
-                                          "linear_attention (Mamba), full_attention and mlp layers")
-    r.used.update(_MOE_KEYS)
+    if "?" in pattern:
+        raise r.fail("layers_block_type", f"{types} has unknown layers; the mamba family builds linear_attention "
+                                          "(Mamba), full_attention, mlp and moe layers")
+    moe = moe_fields_from_hf(r, pattern)
     r.need("num_nextn_predict_layers", lambda v: not v, "multi-token-prediction layers are not built by the mamba family")
     r.used.update(_MTP_KEYS)
     r.need("mlp_hidden_act", lambda v: v == "relu2", "only relu2 (megatron's squared_relu) is mapped")
@@ -209,7 +213,7 @@ def nemotron_h_fields(r: _Reader) -> dict[str, Any]:
         "normalization": "RMSNorm", "layernorm_epsilon": eps, "position_embedding_type": "none",
         "vocab_size": r.get("vocab_size"), "seq_length": r.get("max_position_embeddings"),
         "share_embeddings_and_output_weights": False,
-        **_mixer_fields(r, heads="mamba_num_heads", head_dim="mamba_head_dim", state="ssm_state_size"),
+        **_mixer_fields(r, heads="mamba_num_heads", head_dim="mamba_head_dim", state="ssm_state_size"), **moe,
     }
 
 
@@ -245,10 +249,10 @@ def _check_attention_mlp(config: Any, pattern: str) -> None:
     from plugtron.records import import_path_of
 
     arch = NEMOTRON_H
-    for key, allowed in (("share_embeddings_and_output_weights", (False,)), ("num_moe_experts", (None,)),
+    for key, allowed in (("share_embeddings_and_output_weights", (False,)),
                          ("multi_latent_attention", (False,)), ("qk_layernorm", (False,))):
         _require(config, key, allowed, arch)
-    if "-" in pattern:
+    if "-" in pattern or "E" in pattern:  # MLPs, routed and shared experts all use mlp_hidden_act
         _require(config, "gated_linear_unit", (False,), arch)
         if import_path_of(config.activation_func) != SQUARED_RELU:
             raise _errors().UnsupportedConfigError("activation_func", f"{arch} MLPs use relu2 ({SQUARED_RELU}) only")
@@ -256,7 +260,7 @@ def _check_attention_mlp(config: Any, pattern: str) -> None:
         for key, allowed in (("add_qkv_bias", (False,)), ("softmax_scale", (None,)), ("window_size", (None,)),
                              ("apply_query_key_layer_scaling", (False,))):
             _require(config, key, allowed, arch)
-    if "*" in pattern or "-" in pattern:
+    if "*" in pattern or "-" in pattern or "E" in pattern:
         _require(config, "add_bias_linear", (False,), arch)
 
 
@@ -290,7 +294,7 @@ def config_to_hf(config: Any, arch: str, passthrough: dict[str, Any] | None = No
             head_dim=config.kv_channels or config.hidden_size // heads, max_position_embeddings=config.seq_length,
             intermediate_size=config.ffn_hidden_size, mlp_hidden_act="relu2", mlp_bias=False, mamba_hidden_act="silu",
             mamba_num_heads=sizes["heads"], mamba_head_dim=sizes["head_dim"], ssm_state_size=sizes["state"],
-            expand=config.mamba_expand, tie_word_embeddings=False, **mixer)
+            expand=config.mamba_expand, tie_word_embeddings=False, **moe_fields_to_hf(config, pattern), **mixer)
     out = cfg.to_dict()
     keep = (NON_NUMERIC_KEYS | set(IGNORED[arch])) - {"architectures", "model_type", "transformers_version"}
     out.update({key: value for key, value in decode_floats(passthrough or {}).items() if key in keep})

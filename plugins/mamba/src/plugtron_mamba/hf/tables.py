@@ -19,7 +19,20 @@ layer   HF (``backbone.layers.{i}.``)                megatron (``decoder.layers.
 ``-``   ``norm.weight``                              ``mlp.linear_fc1.layer_norm_weight``
 ``-``   ``mixer.up_proj.weight``                     ``mlp.linear_fc1.weight``
 ``-``   ``mixer.down_proj.weight``                   ``mlp.linear_fc2.weight``
+``E``   ``norm.weight``                              ``pre_mlp_layernorm.weight``
+``E``   ``mixer.gate.weight``                        ``mlp.router.weight``
+``E``   ``mixer.gate.e_score_correction_bias``       ``mlp.router.expert_bias`` (float32 in both)
+``E``   ``mixer.experts.{e}.up_proj.weight``         ``mlp.experts.local_experts.{e}.linear_fc1.weight``
+``E``   ``mixer.experts.{e}.down_proj.weight``       ``mlp.experts.local_experts.{e}.linear_fc2.weight``
+``E``   ``mixer.shared_experts.up_proj.weight``      ``mlp.shared_experts.linear_fc1.weight``
+``E``   ``mixer.shared_experts.down_proj.weight``    ``mlp.shared_experts.linear_fc2.weight``
 ======  ===========================================  ==============================================
+
+Routed experts are one mapping per expert (``{e}`` expanded over the
+experts, global indices), as published NemotronH checkpoints store them and
+transformers saves them (it stacks them into ``experts.up_proj`` in memory
+only). The HF engine maps a rank's ``local_experts.{j}`` to the global
+expert with its expert-parallel offset and reads only its experts' bytes.
 
 plus ``backbone.embeddings.weight`` / ``backbone.norm_f.weight`` / ``lm_head.weight``
 -> ``embedding.word_embeddings.weight`` / ``decoder.final_norm.weight`` /
@@ -57,7 +70,9 @@ def _symbols(config: Any) -> dict[str, int]:
     return {"H": config.hidden_size, "V": config.vocab_size, "Vp": config.padded_vocab_size(), "1": 1,
             "I": sizes["inner"], "NH": sizes["heads"], "C": sizes["inner"] + 2 * gn,
             "P": 2 * sizes["inner"] + 2 * gn + sizes["heads"], "K": config.mamba_conv_kernel,
-            "G": groups, "D": d, "Q": heads * d, "KV": groups * d, "F": config.ffn_hidden_size or 4 * config.hidden_size}
+            "G": groups, "D": d, "Q": heads * d, "KV": groups * d, "F": config.ffn_hidden_size or 4 * config.hidden_size,
+            "E": config.num_moe_experts or 0, "FE": config.moe_ffn_hidden_size or config.ffn_hidden_size or 0,
+            "FS": config.moe_shared_expert_intermediate_size or 0}
 
 
 def _layer_rules(i: int, kind: str) -> list[Rule]:
@@ -74,7 +89,30 @@ def _layer_rules(i: int, kind: str) -> list[Rule]:
         return [((hf + "norm.weight",), meg + "mlp.linear_fc1.layer_norm_weight", "copy", (("H",),)),
                 ((hf + "mixer.up_proj.weight",), meg + "mlp.linear_fc1.weight", "copy", (("F", "H"),)),
                 ((hf + "mixer.down_proj.weight",), meg + "mlp.linear_fc2.weight", "copy", (("H", "F"),))]
+    if kind == "E":
+        return [((hf + "norm.weight",), meg + "pre_mlp_layernorm.weight", "copy", (("H",),))] + [
+            ((hf + name,), meg + target, "copy", (shape,)) for name, target, shape in _MOE]
     raise AssertionError(f"layer symbol {kind!r} has no tensor table")
+
+
+#: (HF name under ``mixer.``, megatron name under ``decoder.layers.{i}.``, HF shape) of a MoE layer.
+_MOE = (("mixer.gate.weight", "mlp.router.weight", ("E", "H")),
+        ("mixer.gate.e_score_correction_bias", "mlp.router.expert_bias", ("E",)),
+        ("mixer.experts.{e}.up_proj.weight", "mlp.experts.local_experts.{e}.linear_fc1.weight", ("FE", "H")),
+        ("mixer.experts.{e}.down_proj.weight", "mlp.experts.local_experts.{e}.linear_fc2.weight", ("H", "FE")),
+        ("mixer.shared_experts.up_proj.weight", "mlp.shared_experts.linear_fc1.weight", ("FS", "H")),
+        ("mixer.shared_experts.down_proj.weight", "mlp.shared_experts.linear_fc2.weight", ("H", "FS")))
+
+
+def _per_expert(rules: list[Rule], experts: int) -> list[Rule]:
+    """Each ``{e}`` rule once per expert, so no mapping ever holds a layer's stacked experts."""
+    out: list[Rule] = []
+    for hf_names, meg, kind, shapes in rules:
+        if "{e}" not in meg:
+            out.append((hf_names, meg, kind, shapes))
+            continue
+        out += [(tuple(n.format(e=e) for n in hf_names), meg.format(e=e), kind, shapes) for e in range(experts)]
+    return out
 
 
 def rules_for(config: Any) -> list[Rule]:
@@ -86,7 +124,7 @@ def rules_for(config: Any) -> list[Rule]:
     if not config.share_embeddings_and_output_weights:
         rules.append((("lm_head.weight",), "output_layer.weight", "vocab", (("V", "H"),)))
     for i, kind in enumerate(config.layer_pattern()):
-        rules += _layer_rules(i, kind)
+        rules += _per_expert(_layer_rules(i, kind), config.num_moe_experts or 0)
     return rules
 
 

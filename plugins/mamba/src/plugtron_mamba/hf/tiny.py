@@ -78,3 +78,55 @@ def save_tiny_hf(directory: str | Path, arch: str, *, seed: int = 0, dtype: str 
     directory = Path(directory)
     tiny_hf_model(arch, seed=seed, **config).to(getattr(torch, dtype)).save_pretrained(directory)
     return directory
+
+
+# -- NemotronH with MoE (``E``) layers ------------------------------------------------------------
+#: Every layer kind, MoE layers at both ends of the stack and after attention.
+TINY_MOE_PATTERN = "EM*E-ME"
+#: Routing that exercises every translated knob: sigmoid scores with a (randomised) correction bias,
+#: group-limited routing (2 groups of 4, 1 kept, 2 experts chosen: megatron's top-(2 // 1) group score
+#: equals transformers' top-2 sum), renormalised top-k, routed scaling, a shared expert.
+TINY_MOE: dict[str, Any] = dict(n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
+                                norm_topk_prob=True, routed_scaling_factor=2.5, moe_intermediate_size=48,
+                                moe_shared_expert_intermediate_size=32)
+
+
+def tiny_moe_hf_config(*, pattern: str = TINY_MOE_PATTERN, **changes: Any) -> Any:
+    """A NemotronHConfig with ``moe`` layers (:data:`TINY_MOE`, overridden by ``changes``)."""
+    cfg = tiny_hf_config(NEMOTRON_H, pattern=pattern.replace("E", "-"))
+    cfg.layers_block_type = [{"E": "moe", **_TYPES}[s] for s in pattern]
+    for key, value in {**TINY_MOE, **changes}.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def tiny_moe_hf_model(*, seed: int = 0, **changes: Any) -> Any:
+    """:func:`tiny_moe_hf_config` as a float32 model, randomised, with its routers'
+    ``e_score_correction_bias`` buffers drawn too (~ N(0, 0.1): they change which experts are chosen)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    model = randomize(transformers.NemotronHForCausalLM(tiny_moe_hf_config(**changes)).float(), seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.copy_(0.1 * torch.randn(buffer.shape, generator=gen))
+    return model
+
+
+def save_tiny_moe_hf(directory: str | Path, *, seed: int = 0, dtype: str = "float32", **changes: Any) -> Path:
+    """Save :func:`tiny_moe_hf_model` (per-expert tensors, as published NemotronH checkpoints). The routers'
+    ``e_score_correction_bias`` stays float32 in any dtype, as transformers keeps it (and saves it)."""
+    import torch
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    directory = Path(directory)
+    model = tiny_moe_hf_model(seed=seed, **changes).to(getattr(torch, dtype))
+    for name, buffer in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            buffer.data = buffer.data.float()
+    model.save_pretrained(directory)
+    return directory

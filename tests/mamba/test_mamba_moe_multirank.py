@@ -1,0 +1,88 @@
+"""NemotronH with MoE layers at expert-parallel layouts, one two-rank gloo launch.
+
+Reuses the HF bridge's worker (``tests/hf_bridge/hfb_mp_worker.py``, scenario kind
+``moe``): import at the layout, float32 logits parity against transformers, each
+rank's bytes read, and a bit-exact export gathered one expert at a time.
+
+* EP=2 (TP=1): each rank holds 4 of the 8 experts of every ``E`` layer;
+* TP=2 x EP=2 (ETP=1): Mamba, attention, MLP and shared expert split over TP
+  (sequence parallelism switched on, as megatron requires for MoE at TP > 1),
+  routed experts over EP;
+* PP=2 (scenario kind ``convert``): MoE layers on both pipeline stages.
+
+Each rank's routed-expert bytes equal exactly the bytes of its own experts in
+the checkpoint: no rank reads another rank's experts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from plugtron_mamba.hf.tiny import TINY_MOE, save_tiny_moe_hf
+
+pytestmark = pytest.mark.multiprocess
+
+WORKER = Path(__file__).resolve().parents[1] / "hf_bridge" / "hfb_mp_worker.py"
+RUNS = {"ep2": {"ep": 2}, "tp2 ep2": {"tp": 2, "ep": 2, "etp": 1}}
+PP_PATTERN = "EM*E-ME*"
+
+
+@pytest.fixture(scope="module")
+def launch(tmp_path_factory) -> tuple[dict[str, dict], Path]:
+    tmp = tmp_path_factory.mktemp("nemotron_h_moe_mp")
+    src = save_tiny_moe_hf(tmp / "hf")
+    scenarios = [{"name": name, "kind": "moe", "src": str(src), **layout} for name, layout in RUNS.items()]
+    even = save_tiny_moe_hf(tmp / "hf8", pattern=PP_PATTERN)  # megatron's Mamba stages split layers evenly
+    scenarios.append({"name": "pp2", "kind": "convert", "src": str(even), "pp": 2})
+    out, results = tmp / "out", tmp / "results.json"
+    out.mkdir()
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=0",
+               str(WORKER), "--scenarios", json.dumps(scenarios), "--out", str(out), "--results", str(results)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    return {r["name"]: r for r in json.loads(results.read_text())}, src
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_float32_parity_and_bit_exact_export(launch, name) -> None:
+    r = launch[0][name]
+    assert r["diff"] <= 1e-4 and r["top1"] == 1.0 and r["cosine"] > 0.999999 and r["scale"] > 1.0, r
+    assert r["mismatched"] == [], r
+
+
+def test_pipeline_parallel_parity_and_bit_exact_export(launch) -> None:
+    """PP=2: the stages split the pattern EM*E|-ME* (MoE layers on both stages, global layer numbers)."""
+    r = launch[0]["pp2"]
+    assert r["diff"] <= 1e-4 and r["top1"] == 1.0 and r["mismatched"] == [], r
+
+
+def _expert_bytes(directory: Path) -> dict[int, int]:
+    from safetensors import safe_open
+
+    per: dict[int, int] = {}
+    with safe_open(str(directory / "model.safetensors"), "pt") as f:
+        for name in f.keys():
+            found = re.search(r"\.experts\.(\d+)\.", name)
+            if found:
+                t = f.get_tensor(name)
+                per[int(found.group(1))] = per.get(int(found.group(1)), 0) + t.numel() * t.element_size()
+    return per
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_each_rank_reads_only_its_experts(launch, name) -> None:
+    results, src = launch
+    r = results[name]
+    per, local = _expert_bytes(src), TINY_MOE["n_routed_experts"] // 2
+    assert r["ep_ranks"] == [0, 1]
+    for reads, ep_rank in zip(r["reads"], r["ep_ranks"]):
+        mine = sum(per[e] for e in range(ep_rank * local, (ep_rank + 1) * local))
+        assert reads["expert_bytes"] == mine and 0 < mine < sum(per.values()), (reads, mine)
