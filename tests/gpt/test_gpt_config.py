@@ -86,7 +86,7 @@ REJECTED = [
     ({"position_embedding_type": "yarn", "rotary_interleaved": True}, "rotary_interleaved", "YaRN"),
     ({"position_embedding_type": "yarn", "yarn_rotary_scaling_factor": 0.0}, "yarn_rotary_scaling_factor", "positive"),
     ({"position_embedding_type": "yarn", "yarn_original_max_position_embeddings": 0}, "yarn_original_max_position_embeddings", "positive"),
-    ({"position_embedding_type": "yarn", "yarn_beta_fast": 1.0, "yarn_beta_slow": 32.0}, "yarn_beta_fast", "yarn_beta_fast > yarn_beta_slow"),
+    ({"position_embedding_type": "yarn", "yarn_beta_fast": 1.0, "yarn_beta_slow": 32.0}, "yarn_beta_fast", "yarn_beta_fast >= yarn_beta_slow"),
     ({"mrope_section": [2, 3, 3]}, "mrope_section", "only applies to position_embedding_type='mrope'"),
     ({"position_embedding_type": "mrope"}, "mrope_section", "is required"),
     ({"position_embedding_type": "mrope", "mrope_section": [2, 3, 2]}, "mrope_section", "sums to 7 but must equal"),

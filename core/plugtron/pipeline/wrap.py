@@ -25,7 +25,27 @@ def apply_mixed_precision(chunks: list, config: Any, context: "BuildContext") ->
         return chunks
     from megatron.core.transformer.module import Float16Module
 
-    return [Float16Module(config.transformer, chunk) for chunk in chunks]
+    wrapped = [Float16Module(config.transformer, chunk) for chunk in chunks]
+    for chunk in wrapped:
+        keep_expert_bias_float32(chunk)
+    return wrapped
+
+
+def keep_expert_bias_float32(chunk: "torch.nn.Module") -> None:
+    """MoE routers' ``expert_bias`` buffers back to float32 after the half-precision cast.
+
+    Float16Module casts every buffer; megatron restores the bias to float32
+    only at the first forward, after the values were rounded (a 0.3 bias moves
+    by ~1e-3 in bf16, enough to change which experts are chosen). Loaded or
+    trained values must land in a float32 buffer, as transformers keeps
+    ``e_score_correction_bias`` in float32 in bf16 checkpoints.
+    """
+    import torch
+
+    for module in chunk.modules():
+        bias = getattr(module, "expert_bias", None)
+        if isinstance(bias, torch.Tensor) and bias.dtype != torch.float32:
+            module.expert_bias = bias.float()
 
 
 def wrap_data_parallel(chunks: list, config: Any, context: "BuildContext") -> list:

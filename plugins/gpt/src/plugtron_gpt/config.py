@@ -247,8 +247,8 @@ class GPTModelConfig(LanguageModelConfig):
             self._fail("yarn_rotary_scaling_factor", "must be positive")
         if self.yarn_original_max_position_embeddings <= 0:
             self._fail("yarn_original_max_position_embeddings", "must be positive")
-        if not self.yarn_beta_fast > self.yarn_beta_slow > 0:
-            self._fail("yarn_beta_fast", f"need yarn_beta_fast > yarn_beta_slow > 0, got {self.yarn_beta_fast} and {self.yarn_beta_slow}")
+        if not self.yarn_beta_fast >= self.yarn_beta_slow > 0:  # equal (Kimi-K2): both libraries widen the ramp alike
+            self._fail("yarn_beta_fast", f"need yarn_beta_fast >= yarn_beta_slow > 0, got {self.yarn_beta_fast} and {self.yarn_beta_slow}")
 
     def _check_mrope(self) -> None:
         if self._get("rotary_interleaved"):

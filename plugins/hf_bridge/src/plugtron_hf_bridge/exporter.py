@@ -75,11 +75,17 @@ def _local_params(chunks: list, config: Any) -> dict[str, Any]:
     for chunk in chunks:
         inner = unwrap(chunk)
         offset = layer_offset(inner)
-        for local, param in inner.named_parameters():
+        for local, param in [*inner.named_parameters(), *_persistent_buffers(inner)]:
             name = global_name(local, offset, config)
             if not (tied and name == OUTPUT):
                 params[name] = param
     return params
+
+
+def _persistent_buffers(module: Any) -> list[tuple[str, Any]]:
+    """Buffers a checkpoint stores (a router's ``expert_bias``): exported like parameters where the table maps them."""
+    saved = set(module.state_dict(keep_vars=True))
+    return [(n, b) for n, b in module.named_buffers() if n in saved]
 
 
 def _group_keys(parallel: Any) -> tuple[tuple, tuple]:
@@ -128,6 +134,9 @@ def export_tensors(chunks: list, config: Any, adapter: "HFAdapter", parallel: An
     params = _local_params(chunks, config)
     fused = any(n.endswith("layer_norm_weight") for n in params)
     mappings = adapter.tensor_mappings(config, te_fused_norms=fused)
+    copies: dict[str, list[str]] = {}
+    for copy, source in getattr(adapter, "hf_copies", lambda _: [])(config):
+        copies.setdefault(source, []).append(copy)
     owners = _owners(params, parallel)
     absent = [m.megatron_name for m in mappings if m.megatron_name not in owners]
     if absent:
@@ -148,7 +157,10 @@ def export_tensors(chunks: list, config: Any, adapter: "HFAdapter", parallel: An
                 full = torch.empty(mapping.megatron_shape, dtype=getattr(torch, stored))
                 dist.recv(full, src=owner)
         if parallel.rank == 0:
-            yield from hf_tensors(mapping, full, dtype)
+            for hf_name, tensor in hf_tensors(mapping, full, dtype):
+                yield hf_name, tensor
+                for copy in copies.get(hf_name, ()):  # stored twice in HF (MTP layers' embedding / head)
+                    yield copy, tensor
 
 
 def write_hf(dst: str | Path, tensors: Iterable[tuple[str, "torch.Tensor"]], hf_config: dict[str, Any] | str, *,
@@ -199,7 +211,8 @@ def _export(built: Any, config: Any, adapter: "HFAdapter", dst: str | Path, sour
         dist.barrier()
         return None
     hf_config = config_text(adapter, config, source_hf_config, dtype or _dtype_name(config))
-    total = sum(len(m.hf_names) for m in adapter.tensor_mappings(config)) if progress else None
+    total = (sum(len(m.hf_names) for m in adapter.tensor_mappings(config))
+             + len(getattr(adapter, "hf_copies", lambda _: [])(config))) if progress else None
     try:
         with plain_torch():
             out = write_hf(dst, tensors, hf_config, extra_files=extra_files, max_shard_bytes=max_shard_bytes,
@@ -216,11 +229,14 @@ def config_text(adapter: "HFAdapter", config: Any, source: dict | None, dtype_na
     Why: regenerating goes through transformers' config classes (1.5-3.5 s of
     imports here); a converted model whose megatron config still matches its
     source config.json (the adapter's ``describes``) gets that file back with
-    only its dtype updated, which is also what its owner wrote.
+    only its dtype updated, which is also what its owner wrote. A quantised
+    source's ``quantization_config`` is dropped: the weights written are the
+    dequantised ones.
     """
     describes = getattr(adapter, "describes", None)
     if source is not None and describes is not None and describes(config, source):
-        out = {**source, "architectures": [adapter.architecture]}
+        out = {key: value for key, value in source.items() if key != "quantization_config"}
+        out["architectures"] = [adapter.architecture]
         _set_dtype(out, dtype_name)
         return json.dumps(out, indent=2, sort_keys=True) + "\n"
     return config_json(hf_config_for(adapter, config, source, dtype_name))
