@@ -126,6 +126,28 @@ def run_moe(s: dict[str, Any], out: Path, pm: Any) -> dict[str, Any]:
             "mismatched": _barrier_compare(ctx.rank, Path(s["src"]), dst)}
 
 
+def run_quant(s: dict[str, Any], out: Path, pm: Any) -> dict[str, Any]:
+    """``quant``: an FP8 checkpoint (``src``, architecture from ``test_quantized_import``) at ``tp``, in float32:
+    parity against transformers on ``reference`` (its dequantised values), bytes each rank read, and its export
+    equal to ``reference`` bit for bit."""
+    from test_quantized_import import Plugin
+
+    from plugtron_hf_bridge.exporter import export_hf
+    from plugtron_hf_bridge.importer import import_hf
+    from plugtron_hf_bridge.verify import verify
+
+    pm.register(Plugin(), name="fp8-llama-test")
+    parallel = _parallel(s)
+    imported = import_hf(s["src"], **_layout(s), dtype="float32", pm=pm, parallel=parallel)
+    report = verify(s["reference"], imported=imported)
+    dst = out / s["name"].replace(" ", "_")
+    export_hf(imported.built, imported.plan.config, imported.plan.adapter, dst, source_hf_config=imported.plan.hf_config)
+    scales = [n for n, _ in imported.built.chunks[0].named_parameters() if "scale" in n]
+    return {"diff": report.max_abs_diff, "top1": report.top1_agreement, "bytes": [r["bytes"] for r in imported.reads],
+            "checkpoint_bytes": (Path(s["src"]) / "model.safetensors").stat().st_size, "scales_loaded": scales,
+            "mismatched": _barrier_compare(parallel.rank, Path(s["reference"]), dst)}
+
+
 def _all_ranks(value: Any) -> list[Any]:
     import torch.distributed as dist
 
@@ -147,7 +169,8 @@ def main() -> int:
     from plugtron.manager import PlugtronPluginManager
 
     pm = PlugtronPluginManager()
-    kinds = {"convert": run_convert, "ckpt": run_ckpt, "cli": run_cli, "moe": run_moe}
+    kinds = {"convert": run_convert, "ckpt": run_ckpt, "cli": run_cli, "moe": run_moe,
+             "quant": run_quant}
     results = []
     for scenario in json.loads(args.scenarios):
         # No try/except: a failure on one rank must end the job (torchrun stops the peer),

@@ -37,6 +37,14 @@ tensor ever stacks a layer's experts), other fields are filled from the
 layer specs). A rule limited to a layer kind (``Rule.layers``, e.g.
 ``"moe"`` or ``"dense"``, see :func:`for_layers`) is expanded only over the
 layers of that kind.
+
+Multi-token prediction (MTP) layers: a rule with ``{m}`` in its megatron name
+(``mtp.layers.{m}.``) is expanded over ``sym["MTP"]`` MTP layers (none when the
+symbol is absent or 0); in its names ``{m}`` is the MTP layer index and ``{n}``
+the index the layer has in a checkpoint that stores MTP layers after the
+decoder's (``num_layers + m``, DeepSeek-V3 / GLM-4.5's ``model.layers.{n}``).
+An MTP layer copies the decoder's last layer spec (megatron's rule), so a rule
+limited to a layer kind applies to it when the last decoder layer is of that kind.
 """
 
 from __future__ import annotations
@@ -272,16 +280,22 @@ def checked_mapping(hf_names: tuple[str, ...], meg_name: str, kind: str, hf_shap
 
 
 def instantiate(rule: Rule, sym: Mapping[str, int], *, i: int | None = None, e: int | None = None,
-                names: Mapping[str, str] | None = None) -> TensorMapping:
-    """One rule for layer ``i`` and expert ``e`` (``None`` for a global tensor / a non-expert one)."""
+                names: Mapping[str, str] | None = None, m: int | None = None, n: int | None = None) -> TensorMapping:
+    """One rule for layer ``i`` (or MTP layer ``m``, stored as layer ``n``) and expert ``e``
+    (``None`` for a global tensor / a non-expert one)."""
     shapes = tuple(tuple(x if isinstance(x, int) else sym[x] for x in shape) for shape in rule.shapes)
-    meg = rule.megatron.format(i=i, e=e, **(names or {}))
-    return checked_mapping(tuple(n.format(i=i, e=e) for n in rule.hf), meg, rule.kind, shapes, sym)
+    meg = rule.megatron.format(i=i, e=e, m=m, n=n, **(names or {}))
+    return checked_mapping(tuple(h.format(i=i, e=e, m=m, n=n) for h in rule.hf), meg, rule.kind, shapes, sym)
 
 
-def _instances(rule: Rule, sym: Mapping[str, int], i: int, names: Mapping[str, str] | None) -> list[TensorMapping]:
+def _instances(rule: Rule, sym: Mapping[str, int], i: int | None, names: Mapping[str, str] | None,
+               m: int | None = None, n: int | None = None) -> list[TensorMapping]:
     experts = range(sym["E"]) if "{e}" in rule.megatron else (None,)
-    return [instantiate(rule, sym, i=i, e=e, names=names) for e in experts]
+    return [instantiate(rule, sym, i=i, e=e, names=names, m=m, n=n) for e in experts]
+
+
+def _is_global(rule: Rule) -> bool:
+    return "{i}" not in rule.megatron and "{m}" not in rule.megatron
 
 
 def expand(rules: Iterable[Rule], fields: Mapping[str, Any], sym: Mapping[str, int], num_layers: int,
@@ -297,12 +311,17 @@ def expand(rules: Iterable[Rule], fields: Mapping[str, Any], sym: Mapping[str, i
     if layer_kinds is not None and len(layer_kinds) != num_layers:
         raise MappingError("layers", f"{len(layer_kinds)} layer kinds for {num_layers} layers")
     kept = [r for r in rules if r.holds(fields)]
-    out = [instantiate(r, sym, names=names) for r in kept if "{i}" not in r.megatron]
+    out = [instantiate(r, sym, names=names) for r in kept if _is_global(r)]
     for i in range(num_layers):
         kind = layer_kinds[i] if layer_kinds is not None else None
         for rule in kept:
             if "{i}" in rule.megatron and rule.layers in (None, kind):
                 out += _instances(rule, sym, i, names)
+    last = layer_kinds[-1] if layer_kinds else None  # MTP layers copy the last layer's spec
+    for m in range(sym.get("MTP", 0) or 0):
+        for rule in kept:
+            if "{m}" in rule.megatron and rule.layers in (None, last):
+                out += _instances(rule, sym, None, names, m=m, n=num_layers + m)
     assert_unique(out)
     return out
 

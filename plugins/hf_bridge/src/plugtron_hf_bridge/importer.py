@@ -110,6 +110,9 @@ def plan_import(src: str | Path, *, tp: int = 1, pp: int = 1, vp: int | None = N
     tokenizer = side_files(source)
     with SafetensorsCheckpoint(source) as ckpt:
         dtype_name = dtype or stored_dtype(ckpt, source, scheme is not None)
+        stored_mtp = getattr(adapter, "stored_mtp_layers", None)  # MTP layers stored after the decoder's
+        if stored_mtp is not None and getattr(config, "mtp_num_layers", None) is None:
+            config.mtp_num_layers = stored_mtp(ckpt.names(), config) or None
         set_layout(config, tp, pp, vp, dtype_name, ep=ep, etp=etp)
         config.finalize()
         mappings = adapter.tensor_mappings(config)
@@ -249,6 +252,8 @@ class ShardLoader:
         """Resolve every parameter to its mapping first: an unmapped one fails before any read."""
         params = list(inner.named_parameters())
         table = self.table(any(n.endswith("layer_norm_weight") for n, _ in params))
+        # persistent buffers the table maps (a router's expert_bias): loaded like parameters
+        params += [(n, b) for n, b in inner.named_buffers() if global_name(n, offset, self.plan.config) in table]
         tied = self.plan.config.share_embeddings_and_output_weights
         jobs, missing, wrong = [], [], []
         for local, param in params:

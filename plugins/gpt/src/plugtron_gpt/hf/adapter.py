@@ -13,7 +13,7 @@ torch, so a launcher checks a checkpoint before any rank starts
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from plugtron.conversion import ConfigReader, UnsupportedConfigError, expand
 
@@ -34,7 +34,7 @@ SPECIAL_FIELDS: dict[str, Any] = {
     "softmax_scale": None, "window_size": None, "apply_query_key_layer_scaling": False,
     "embedding_multiplier": None, "residual_multiplier": None, "logits_divisor": None, "norm_placement": "pre", "qk_norm_scope": "head",
     "embedding_multiplier_cast": False, "attention_softcap": None, "final_logit_softcap": None, "rotary_base_local": None, "window_attn_skip_freq": None,
-    "no_rope_freq": None,
+    "no_rope_freq": None, "mtp_num_layers": None,
 }
 
 _NORM_NAMES = {  # local spec vs transformer-engine fused spec
@@ -54,7 +54,20 @@ def symbols(f: Fields, padded_vocab: int) -> dict[str, int]:
             "QKV": (heads + 2 * groups) * d, "Q3": 3 * heads * d, "F": f["ffn_hidden_size"], "F2": 2 * f["ffn_hidden_size"],
             "P": f.get("seq_length", 0), "G": groups, "NH": heads,
             "E": f.get("num_moe_experts") or 0, "FE": f.get("moe_ffn_hidden_size") or 0,
-            "FS": f.get("moe_shared_expert_intermediate_size") or 0}
+            "FS": f.get("moe_shared_expert_intermediate_size") or 0, **mla_symbols(f)}
+
+
+def mla_symbols(f: Fields) -> dict[str, int]:
+    """Multi-Latent Attention and MTP shape symbols (0 for models without them): ``QL`` / ``KVL`` the q / kv
+    latent ranks, ``QUP`` = NH x (qk_head_dim + qk_pos_emb_head_dim) the query rows, ``KVD`` = KVL +
+    qk_pos_emb_head_dim the kv down projection rows, ``KVUP`` = NH x (qk_head_dim + v_head_dim), ``VO`` =
+    NH x v_head_dim, ``MTP`` the MTP layers, ``H2`` = 2 x H (an MTP ``eh_proj``'s input) (see :mod:`plugtron.conversion.table`)."""
+    out = {"MTP": f.get("mtp_num_layers") or 0, "H2": 2 * f["hidden_size"]}
+    if not f.get("multi_latent_attention"):
+        return {**out, "QL": 0, "KVL": 0, "QUP": 0, "KVD": 0, "KVUP": 0, "VO": 0}
+    heads, qk, rope, v = f["num_attention_heads"], f["qk_head_dim"], f["qk_pos_emb_head_dim"], f["v_head_dim"]
+    return {**out, "QL": f.get("q_lora_rank") or 0, "KVL": f["kv_lora_rank"], "QUP": heads * (qk + rope),
+            "KVD": f["kv_lora_rank"] + rope, "KVUP": heads * (qk + v), "VO": heads * v}
 
 
 def layer_kinds(f: Fields) -> list[str]:
@@ -72,7 +85,15 @@ class GPTAdapter:
 
     family = "gpt"
 
-    def __init__(self, architecture: HFArchitecture) -> None:
+    def __init__(self, architecture: HFArchitecture, mtp_copies: tuple[tuple[str, str], ...] = (),
+                 other_model_types: tuple[str, ...] = ()) -> None:
+        #: ``model_type`` values of published files that use this architecture's class through their own
+        #: remote code (Kimi-K2: ``kimi_k2`` with DeepSeek-V3's classes); accepted by :meth:`to_fields`.
+        self.other_model_types = other_model_types
+        #: ``(copy, source)`` HF names of tensors a checkpoint stores per MTP layer that megatron shares with the
+        #: main model (``model.layers.{n}.embed_tokens.weight`` copies ``model.embed_tokens.weight``); ``{n}``
+        #: is the MTP layer's index among the stored layers (see :meth:`hf_copies`).
+        self.mtp_copies = mtp_copies
         self.spec = architecture
         self.architecture = architecture.name
         self.model_type = architecture.model_type
@@ -85,7 +106,7 @@ class GPTAdapter:
     def to_fields(self, hf_config: dict[str, Any], *, source: str | None = None) -> Fields:
         """megatron config fields equivalent to ``hf_config``; raises on anything not reproducible."""
         model_type = hf_config.get("model_type")
-        if model_type is not None and model_type != self.spec.model_type:
+        if model_type is not None and model_type != self.spec.model_type and model_type not in self.other_model_types:
             raise UnsupportedConfigError("model_type", f"{model_type!r} does not match architecture {self.architecture}",
                                          source=source)
         reader = ConfigReader(hf_config, self.spec.schema, self.architecture, source)
@@ -169,7 +190,36 @@ class GPTAdapter:
                              padded_vocab_size=config.padded_vocab_size())
 
     def tolerated_unused(self, name: str, config: Any) -> bool:
-        return tolerated_unused(name, bool(config.share_embeddings_and_output_weights))
+        return (tolerated_unused(name, bool(config.share_embeddings_and_output_weights))
+                or (bool(self.mtp_copies) and name in dict(self.hf_copies(config))))
+
+    def stored_mtp_layers(self, names: Iterable[str], config: Any) -> int:
+        """How many MTP layers a checkpoint stores after the decoder's (``model.layers.{num_layers + m}.*``).
+
+        The engine sizes ``mtp_num_layers`` with this (default: as many as stored): transformers
+        writes ``num_nextn_predict_layers: 1`` into checkpoints it saves without them, so the config
+        cannot tell. 0 for architectures without MTP layers (no ``mtp_copies``).
+        """
+        if not self.mtp_copies:
+            return 0
+        stored = {int(part[2]) for part in (n.split(".") for n in names)
+                  if len(part) > 3 and part[:2] == ["model", "layers"] and part[2].isdigit()}
+        count = 0
+        while config.num_layers + count in stored:
+            count += 1
+        return count
+
+    def hf_copies(self, config: Any) -> list[tuple[str, str]]:
+        """``(copy, source)`` for each tensor the HF checkpoint of ``config`` stores twice.
+
+        megatron's MTP layers reuse the model's embedding and output layer; published
+        DeepSeek-V3 / GLM-4.5 checkpoints store a copy per MTP layer. Import leaves the
+        copies unread (tolerated); export writes each as its source's bytes.
+        """
+        layers, mtp = config.num_layers, getattr(config, "mtp_num_layers", None) or 0
+        tied = bool(config.share_embeddings_and_output_weights)
+        return [(copy.format(n=layers + m), "model.embed_tokens.weight" if tied and source == "lm_head.weight" else source)
+                for m in range(mtp) for copy, source in self.mtp_copies]
 
     def torch_free_table(self, hf_config: dict[str, Any], *,
                          source: str | None = None) -> "tuple[list[TensorMapping], Callable[[str], bool]]":

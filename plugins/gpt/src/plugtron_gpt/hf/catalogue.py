@@ -36,6 +36,10 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
     "MixtralForCausalLM": ("mixtral", "Mixtral (routed experts)"),
     "OlmoeForCausalLM": ("olmoe", "OLMoE (routed experts, full-width q/k norms)"),
     "Qwen2MoeForCausalLM": ("qwen2_moe", "Qwen2-MoE / Qwen1.5-MoE (routed and gated shared experts)"),
+    "GptOssForCausalLM": ("gpt_oss", "gpt-oss (read fully; refused: attention sinks, fused interleaved experts)"),
+    "DeepseekV3ForCausalLM": ("deepseek_v3", "DeepSeek-V3 / Kimi-K2 / Moonlight (MLA, sigmoid router, expert bias, groups)"),
+    "DeepseekV2ForCausalLM": ("deepseek_v2", "DeepSeek-V2 / V2-Lite (MLA, softmax router, shared experts)"),
+    "Glm4MoeForCausalLM": ("glm4_moe", "GLM-4.5 / GLM-4.5-Air (partial rotary, qkv bias, DeepSeek-V3 router)"),
 }
 
 

@@ -26,8 +26,10 @@ FIELDS = (
     "embedding_multiplier", "residual_multiplier", "logits_divisor", "norm_placement", "qk_norm_scope",
     "embedding_multiplier_cast", "attention_softcap", "final_logit_softcap", "rotary_base_local", "window_attn_skip_freq",
     "no_rope_freq",
-    "moe_ffn_hidden_size", "moe_router_topk", "moe_router_pre_softmax", "moe_layer_freq", "moe_shared_expert_intermediate_size", "moe_shared_expert_gate", "moe_input_jitter_eps", "moe_router_score_function", "moe_router_topk_scaling_factor", "moe_router_num_groups", "moe_router_group_topk", "moe_router_enable_expert_bias",
+    "moe_ffn_hidden_size", "moe_router_topk", "moe_router_pre_softmax", "moe_layer_freq", "moe_shared_expert_intermediate_size", "moe_shared_expert_gate", "moe_input_jitter_eps", "moe_router_score_function", "moe_router_topk_scaling_factor", "moe_router_num_groups", "moe_router_group_topk", "moe_router_enable_expert_bias", "mtp_num_layers",
 )
+#: MLATransformerConfig's sizes, present only with multi_latent_attention (a dense config has no such attributes).
+_MLA = ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim")
 _YARN = ("yarn_rotary_scaling_factor", "yarn_original_max_position_embeddings", "yarn_beta_fast", "yarn_beta_slow",
          "yarn_mscale", "yarn_mscale_all_dim", "yarn_correction_range_round_to_int")
 
@@ -50,6 +52,8 @@ def fields_from_gpt_config(config: Any) -> dict[str, Any]:
 
     fields = {name: getattr(config, name) for name in FIELDS}
     fields["activation"] = import_path_of(config.activation_func)
+    if fields["multi_latent_attention"]:
+        fields.update({name: getattr(config, name) for name in _MLA})
     if config.position_embedding_type == "yarn":
         fields.update({name: getattr(config, name) for name in _YARN})
         if (fields["yarn_mscale"], fields["yarn_mscale_all_dim"]) == _YARN_NEUTRAL:
