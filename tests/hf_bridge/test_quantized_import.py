@@ -170,6 +170,8 @@ def test_fp8_import_equals_the_dequantised_values_bit_for_bit(tmp_path, ckpts, p
         assert bit_exact(ref, tmp_path / "out") == []
         report = verify(ref, imported=imported)  # against transformers on the dequantised checkpoint
         assert report.max_abs_diff <= 1e-4 and report.top1_agreement == 1.0, report
+        report = verify(fp8, imported=imported)  # the FP8 source itself: verify dequantises its reference
+        assert report.max_abs_diff <= 1e-4 and report.top1_agreement == 1.0, report
 
 
 def test_a_dequantised_copy_is_the_reference(tmp_path, ckpts) -> None:

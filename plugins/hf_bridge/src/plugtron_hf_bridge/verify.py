@@ -47,9 +47,11 @@ measurement, so every report carries the same numbers.
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import attrs
 
@@ -200,6 +202,24 @@ def reference_logits(adapter: Any, src: str | Path, tokens: "torch.Tensor",
     return reference, truth, (own - reference).abs().max().item()
 
 
+@contextlib.contextmanager
+def reference_source(src: str | Path, hf_config: dict[str, Any]) -> Iterator[Path]:
+    """The checkpoint transformers is run on: ``src``, or for a quantised one a float32 dequantised copy.
+
+    transformers 5.23 loads FP8 checkpoints only with ``accelerate`` and, on CPU,
+    only when every side is a multiple of the block; the copy holds exactly the
+    values plugtron imported (``quantization.write_dequantized``), in a private
+    temporary folder removed afterwards. It takes four bytes per parameter of disk.
+    """
+    from .quantization import scheme_of, write_dequantized
+
+    if scheme_of(hf_config) is None:
+        yield Path(src)
+        return
+    with tempfile.TemporaryDirectory(prefix="plugtron-verify-") as tmp:
+        yield write_dequantized(src, Path(tmp) / "dequantized", "float32")
+
+
 def default_tolerance(dtype: str, reference_noise: float | None) -> float:
     """``NOISE_MARGIN`` x transformers' own rounding noise in ``dtype``, never below the floor.
 
@@ -249,7 +269,8 @@ def verify(src: str | Path, *, tp: int = 1, pp: int = 1, vp: int | None = None, 
     ours = megatron_logits(imported.built, tokens)
     report = None
     if parallel.rank == 0:
-        reference, truth, noise = reference_logits(imported.plan.adapter, src, tokens, dtype)
+        with reference_source(src, imported.plan.hf_config) as plain:
+            reference, truth, noise = reference_logits(imported.plan.adapter, plain, tokens, dtype)
         layout = layout_text(parallel, config)
         limit = default_tolerance(dtype, noise) if tolerance is None else tolerance
         report = compare(reference, ours, limit, layout, dtype, noise, truth)
