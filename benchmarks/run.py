@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/run.py            # full run (~5 min on 2 CPU cores)
     .venv/bin/python benchmarks/run.py --quick    # smaller shapes, fewer repeats (~90 s)
     .venv/bin/python benchmarks/run.py --json results.json
+    .venv/bin/python benchmarks/run.py --moe-convert   # also the MoE conversion rows (7d, ~5 min more)
 
 Every torch measurement runs in a fresh process; this process only
 orchestrates (it never imports torch). See benchmarks/README.md for what each
@@ -218,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the raw measurements here")
     parser.add_argument("--hf-large", action="store_true",
                         help="also time the whole `plugtron convert` commands on the ~1B checkpoint (about 4 min more)")
+    parser.add_argument("--moe-convert", action="store_true",
+                        help="also the MoE conversion commands on a ~1B Qwen3-MoE checkpoint, 1 rank and EP=2, per-rank "
+                             "bytes read and peak RSS against their floors (about 5 min more; ~0.25B with --quick)")
     parser.add_argument(
         "--fresh", action="store_true",
         help="start a new interpreter for every measurement instead of forking from a preloaded server (slower)",
@@ -248,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         ("7b. hf commands", lambda: rows_from("bench_hf_command", args.quick, large=args.hf_large)),
         ("7c. megatron checkpoint", lambda: rows_from("bench_hf_ckpt", args.quick)),
     ]
+    if args.moe_convert:
+        steps.append(("7d. moe conversion", lambda: rows_from("bench_moe_convert", args.quick)))
     for name, function in steps:
         with console.status(f"running {name} ..."):
             step_started = time.perf_counter()
