@@ -76,3 +76,25 @@ def rewrite(directory: Path, change: Any) -> None:
     tensors = dict(read_all(directory))
     change(tensors)
     save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def run_scenarios(scenarios: list[dict[str, Any]], out: Path, *, timeout: float = 600) -> tuple[list[dict[str, Any]], str]:
+    """Run ``hfb_mp_worker.py``'s ``scenarios`` in one two-rank torchrun launch (gloo, one thread each).
+
+    ``out`` is the worker's output folder (created). Returns (the results in scenario
+    order, rank 0's stdout); a failed launch fails the calling test with the last output.
+    """
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out.mkdir(parents=True, exist_ok=True)
+    result_file = out / "results.json"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=0",
+               str(Path(__file__).with_name("hfb_mp_worker.py")), "--scenarios", json.dumps(scenarios),
+               "--out", str(out), "--results", str(result_file)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    return json.loads(result_file.read_text()), proc.stdout

@@ -9,9 +9,6 @@ harness (``arch_cases/deepseek.py``).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
@@ -356,9 +353,8 @@ def test_bf16_checkpoint_keeps_its_float32_expert_bias(tmp_path, plugtron_single
 
 
 # -- expert parallelism (two ranks) ----------------------------------------------------------------
-WORKER = Path(__file__).with_name("hfb_mp_worker.py")
-EP_RUNS = [("ep2 deepseek_v3", DEEPSEEK_V3, {"ep": 2}), ("ep2 deepseek_v2", DEEPSEEK_V2, {"ep": 2}),
-           ("tp2 ep2 deepseek_v3", DEEPSEEK_V3, {"tp": 2, "ep": 2, "etp": 1}), ("ep2 glm4_moe", GLM4_MOE, {"ep": 2})]
+EP_RUNS = [(f"ep2 {c.name}", c, {"ep": 2}) for c in (DEEPSEEK_V3, DEEPSEEK_V2, GLM4_MOE)]
+EP_RUNS += [(f"tp2 ep2 {c.name}", c, {"tp": 2, "ep": 2, "etp": 1}) for c in (DEEPSEEK_V3, DEEPSEEK_V2, GLM4_MOE)]
 
 
 @pytest.fixture(scope="module")
@@ -366,14 +362,9 @@ def ep_results(tmp_path_factory) -> dict[str, dict]:
     tmp = tmp_path_factory.mktemp("deepseek_ep")
     src = {c.name: save_case(tmp / c.name, c) for c in (DEEPSEEK_V3, DEEPSEEK_V2, GLM4_MOE)}
     scenarios = [{"name": name, "kind": "moe", "src": str(src[c.name]), **layout} for name, c, layout in EP_RUNS]
-    out, result_file = tmp / "out", tmp / "results.json"
-    out.mkdir()
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=0",
-               str(WORKER), "--scenarios", json.dumps(scenarios), "--out", str(out), "--results", str(result_file)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
-    return {r["name"]: r for r in json.loads(result_file.read_text())}
+    from hfb_helpers import run_scenarios
+
+    return {r["name"]: r for r in run_scenarios(scenarios, tmp / "out")[0]}
 
 
 @pytest.mark.multiprocess

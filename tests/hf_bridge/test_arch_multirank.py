@@ -4,19 +4,13 @@ from the distributed model. Runs hfb_mp_worker.py's ``convert`` scenarios."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 from arch_cases import all_cases, save_case
+from hfb_helpers import run_scenarios
 
 pytestmark = pytest.mark.multiprocess
 
-WORKER = Path(__file__).with_name("hfb_mp_worker.py")
 CASES = all_cases()
 RUNS = [(f"tp2 {c.name}", c, {"tp": 2}) for c in CASES if c.tp2] + [(f"pp2 {c.name}", c, {"pp": 2}) for c in CASES if c.pp2]
 
@@ -29,14 +23,7 @@ def results(tmp_path_factory) -> dict[str, dict]:
     src = {c.name: save_case(tmp / c.name, c) for c in CASES}
     scenarios = [{"name": name, "kind": "convert", "src": str(src[c.name]), "seq": c.seq, **layout}
                  for name, c, layout in RUNS]
-    out, result_file = tmp / "out", tmp / "results.json"
-    out.mkdir()
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=0",
-               str(WORKER), "--scenarios", json.dumps(scenarios), "--out", str(out), "--results", str(result_file)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
-    return {r["name"]: r for r in json.loads(result_file.read_text())}
+    return {r["name"]: r for r in run_scenarios(scenarios, tmp / "out", timeout=900)[0]}
 
 
 @pytest.mark.parametrize("name", [r[0] for r in RUNS])

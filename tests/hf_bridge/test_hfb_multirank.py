@@ -10,20 +10,15 @@ saved at TP=2 and loaded at PP=2."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from hfb_helpers import CASES, make_hf
+from hfb_helpers import CASES, make_hf, run_scenarios
 from plugtron_mamba.hf.tiny import save_tiny_hf
 
 pytestmark = pytest.mark.multiprocess
 
-WORKER = Path(__file__).with_name("hfb_mp_worker.py")
 
 #: Mamba family checkpoints (tiny, float32, 8 heads in 2 groups): name -> (architecture, tiny config options).
 #: The NemotronH pattern has 8 layers, so that PP=2 gives each stage Mamba, attention and MLP layers.
@@ -63,14 +58,7 @@ def results(tmp_path_factory) -> dict[str, dict]:
     src["llama-bf16"] = make_hf(tmp / "llama-bf16", "LlamaForCausalLM", dtype="bfloat16", seed=1)
     src.update({name: save_tiny_hf(tmp / name, arch, **options) for name, (arch, options) in MAMBA_CASES.items()})
     scenarios = _scenarios(src)
-    out, result_file = tmp / "out", tmp / "results.json"
-    out.mkdir()
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=0",
-               str(WORKER), "--scenarios", json.dumps(scenarios), "--out", str(out), "--results", str(result_file)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
-    got = {r["name"]: r for r in json.loads(result_file.read_text())}
+    got = {r["name"]: r for r in run_scenarios(scenarios, tmp / "out")[0]}
     assert sorted(got) == sorted(s["name"] for s in scenarios)
     return got
 

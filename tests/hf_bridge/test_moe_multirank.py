@@ -1,8 +1,8 @@
 """MoE checkpoints at expert-parallel layouts, in one two-rank gloo launch (hfb_mp_worker.py).
 
-* EP=2 (TP=1) for Qwen3-MoE and Mixtral, TP=2 with EP=2 (ETP=1) for Qwen2-MoE (shared
-  expert split over TP, routed experts over EP), TP=2 with ETP=1 for OLMoE (experts whole
-  on both ranks): float32 logits parity against transformers and a bit-exact export
+* EP=2 (TP=1) and TP=2 with EP=2 (ETP=1: dense parts and shared experts split over TP,
+  routed experts over EP) for every architecture, and TP=2 with ETP=1 for OLMoE (experts
+  whole on both ranks): float32 logits parity against transformers and a bit-exact export
   gathered one expert at a time. (TP=2 with ETP=2 runs in ``test_arch_multirank.py``.)
 * Each rank of an EP=2 layout reads exactly its own experts' bytes: the loader's byte
   count for routed experts equals the bytes of the experts ``[ep_rank x 2, ep_rank x 2 + 2)``
@@ -13,24 +13,22 @@
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from arch_cases import save_case
+from hfb_helpers import run_scenarios
 from arch_cases.moe import MIXTRAL, OLMOE, QWEN2_MOE, QWEN3_MOE
 
 pytestmark = pytest.mark.multiprocess
 
-WORKER = Path(__file__).with_name("hfb_mp_worker.py")
 LOCAL_EXPERTS = 2  # four experts over EP=2
-RUNS = [("ep2 qwen3_moe", QWEN3_MOE, {"ep": 2}), ("ep2 mixtral", MIXTRAL, {"ep": 2}),
-        ("tp2 ep2 qwen2_moe", QWEN2_MOE, {"tp": 2, "ep": 2, "etp": 1}), ("tp2 etp1 olmoe", OLMOE, {"tp": 2, "etp": 1})]
+#: Every architecture at EP=2 and at TP=2 with EP=2 (expert TP 1: dense parts split over TP, experts over EP).
+RUNS = [(f"ep2 {c.name}", c, {"ep": 2}) for c in (QWEN3_MOE, MIXTRAL, QWEN2_MOE, OLMOE)]
+RUNS += [(f"tp2 ep2 {c.name}", c, {"tp": 2, "ep": 2, "etp": 1}) for c in (QWEN3_MOE, MIXTRAL, QWEN2_MOE, OLMOE)]
+RUNS += [("tp2 etp1 olmoe", OLMOE, {"tp": 2, "etp": 1})]
 
 
 @pytest.fixture(scope="module")
@@ -45,14 +43,8 @@ def launch(tmp_path_factory) -> tuple[dict[str, dict], dict[str, Path], str]:
         {"name": "cli to hf tp2", "kind": "cli", "compare": [str(src["mixtral"]), "OUT/mixtral-hf"],
          "argv": ["convert", "OUT/mixtral-meg", "OUT/mixtral-hf", "--to", "hf", "--tp", "2", "--no-progress"]},
     ]
-    out, result_file = tmp / "out", tmp / "results.json"
-    out.mkdir()
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=0",
-               str(WORKER), "--scenarios", json.dumps(scenarios), "--out", str(out), "--results", str(result_file)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
-    return {r["name"]: r for r in json.loads(result_file.read_text())}, src, proc.stdout
+    results, stdout = run_scenarios(scenarios, tmp / "out")
+    return {r["name"]: r for r in results}, src, stdout
 
 
 @pytest.mark.parametrize("name", [r[0] for r in RUNS])

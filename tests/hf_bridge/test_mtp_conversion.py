@@ -178,13 +178,7 @@ def test_mtp_checkpoint_at_pp2_tp2_ep2(tmp_path) -> None:
     scenarios = [{"name": "pp2", "kind": "convert", "src": src, "seq": None, "pp": 2},
                  {"name": "tp2", "kind": "convert", "src": src, "seq": None, "tp": 2},
                  {"name": "ep2", "kind": "moe", "src": src, "ep": 2}]
-    out, result_file = tmp_path / "out", tmp_path / "results.json"
-    out.mkdir()
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=0",
-               str(Path(__file__).with_name("hfb_mp_worker.py")), "--scenarios", json.dumps(scenarios), "--out", str(out),
-               "--results", str(result_file)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
-    for r in json.loads(result_file.read_text()):
+    from hfb_helpers import run_scenarios
+
+    for r in run_scenarios(scenarios, tmp_path / "out")[0]:
         assert r["diff"] <= 1e-4 and r["top1"] == 1.0 and r["mismatched"] == [], r

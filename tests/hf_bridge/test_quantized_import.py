@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
@@ -30,7 +27,6 @@ from hfb_helpers import bit_exact, read_all
 ARCH = "Fp8LlamaForCausalLM"
 BLOCK = (128, 128)
 QCONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": list(BLOCK)}
-WORKER = Path(__file__).with_name("hfb_mp_worker.py")
 
 
 # -- the test architecture (a plugin, so the engine finds it like any other) ---------------------------
@@ -347,13 +343,9 @@ def test_fp8_import_at_tp2_equals_the_dequantised_values(ckpts, tmp_path) -> Non
     rows/columns covering them; the TP=2 model exports to the dequantised checkpoint bit for bit."""
     fp8, ref = ckpts
     scenarios = [{"name": "fp8 tp2", "kind": "quant", "src": str(fp8), "reference": str(ref), "tp": 2}]
-    results = tmp_path / "results.json"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=0",
-               str(WORKER), "--scenarios", json.dumps(scenarios), "--out", str(tmp_path), "--results", str(results)]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
-    r = json.loads(results.read_text())[0]
+    from hfb_helpers import run_scenarios
+
+    r = run_scenarios(scenarios, tmp_path / "out")[0][0]
     assert r["mismatched"] == [] and r["scales_loaded"] == [], r
     assert r["diff"] <= 1e-4 and r["top1"] == 1.0, r
     assert all(b < r["checkpoint_bytes"] for b in r["bytes"]), r  # each rank read only its share

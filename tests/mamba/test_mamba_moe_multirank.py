@@ -16,10 +16,7 @@ the checkpoint: no rank reads another rank's experts.
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -29,7 +26,8 @@ from plugtron_mamba.hf.tiny import TINY_MOE, save_tiny_moe_hf
 
 pytestmark = pytest.mark.multiprocess
 
-WORKER = Path(__file__).resolve().parents[1] / "hf_bridge" / "hfb_mp_worker.py"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hf_bridge"))
+from hfb_helpers import run_scenarios  # noqa: E402  (the bridge's two-rank scenario runner)
 RUNS = {"ep2": {"ep": 2}, "tp2 ep2": {"tp": 2, "ep": 2, "etp": 1}}
 PP_PATTERN = "EM*E-ME*"
 
@@ -41,14 +39,7 @@ def launch(tmp_path_factory) -> tuple[dict[str, dict], Path]:
     scenarios = [{"name": name, "kind": "moe", "src": str(src), **layout} for name, layout in RUNS.items()]
     even = save_tiny_moe_hf(tmp / "hf8", pattern=PP_PATTERN)  # megatron's Mamba stages split layers evenly
     scenarios.append({"name": "pp2", "kind": "convert", "src": str(even), "pp": 2})
-    out, results = tmp / "out", tmp / "results.json"
-    out.mkdir()
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=0",
-               str(WORKER), "--scenarios", json.dumps(scenarios), "--out", str(out), "--results", str(results)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
-    return {r["name"]: r for r in json.loads(results.read_text())}, src
+    return {r["name"]: r for r in run_scenarios(scenarios, tmp / "out")[0]}, src
 
 
 @pytest.mark.parametrize("name", list(RUNS))
