@@ -30,7 +30,7 @@ What decides parity (each measured by breaking it, see the project notes):
   ``n_shared_experts * moe_intermediate_size`` wide shared experts.
 
 MTP layers (``num_nextn_predict_layers``) are stored by published checkpoints as
-``model.layers.{num_hidden_layers + m}``; :data:`MTP_RULES` maps them to megatron's
+``model.layers.{num_hidden_layers + m}``; :func:`decoder_with_mtp` maps them to megatron's
 ``mtp.layers.{m}`` when ``mtp_num_layers`` is set, and :data:`MTP_COPIES` names the
 embedding / head copies each stores (megatron shares those; export writes them back).
 The reader leaves ``mtp_num_layers`` unset: transformers writes
@@ -44,8 +44,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from plugtron.conversion import (BOOL, FLOAT, INT, OPT_INT, ConfigReader, ConfigSchema, UnsupportedConfigError, direct,
-                                 for_layers, gated_fc1, layer, table, vocab_rows)
+from plugtron.conversion import (BOOL, FLOAT, INT, OPT_INT, ConfigReader, ConfigSchema, Rule, Table,
+                                 UnsupportedConfigError, direct, for_layers, gated_fc1, layer, table,
+                                 vocab_rows)
 from plugtron.conversion.quantization import accept
 
 from .adapter import GPTAdapter
@@ -86,20 +87,27 @@ LAYER = MLA_LAYER + DENSE_MLP + MOE_MLP
 #: ``shared_head.head`` are copies of the model's embedding and output layer (megatron shares those).
 MTP_COPIES = (("model.layers.{n}.embed_tokens.weight", "model.embed_tokens.weight"),
               ("model.layers.{n}.shared_head.head.weight", "lm_head.weight"))
-MTP_RULES = layer("model.layers.{n}.", [
-    direct("enorm.weight", "enorm.weight", ("H",)),
-    direct("hnorm.weight", "hnorm.weight", ("H",)),
-    direct("eh_proj.weight", "eh_proj.weight", ("H", "H2")),
-    direct("shared_head.norm.weight", "final_layernorm.weight", ("H",)),
-], "mtp.layers.{m}.") + layer("model.layers.{n}.", LAYER, "mtp.layers.{m}.transformer_layer.")
 
-TABLE = table(
-    vocab_rows("model.embed_tokens.weight", "embedding.word_embeddings.weight"),
-    direct("model.norm.weight", "decoder.final_layernorm.weight", ("H",)),
-    vocab_rows("lm_head.weight", "output_layer.weight", when="not share_embeddings_and_output_weights"),
-    layer("model.layers.{i}.", LAYER),
-    MTP_RULES,
-)
+
+def decoder_with_mtp(layer_rules: list[Rule]) -> Table:
+    """Embedding, final norm, output layer, the decoder layers, and the MTP layers stored after them
+    (each a full decoder layer of the same rules plus its own norms and ``eh_proj``)."""
+    mtp = layer("model.layers.{n}.", [
+        direct("enorm.weight", "enorm.weight", ("H",)),
+        direct("hnorm.weight", "hnorm.weight", ("H",)),
+        direct("eh_proj.weight", "eh_proj.weight", ("H", "H2")),
+        direct("shared_head.norm.weight", "final_layernorm.weight", ("H",)),
+    ], "mtp.layers.{m}.") + layer("model.layers.{n}.", layer_rules, "mtp.layers.{m}.transformer_layer.")
+    return table(
+        vocab_rows("model.embed_tokens.weight", "embedding.word_embeddings.weight"),
+        direct("model.norm.weight", "decoder.final_layernorm.weight", ("H",)),
+        vocab_rows("lm_head.weight", "output_layer.weight", when="not share_embeddings_and_output_weights"),
+        layer("model.layers.{i}.", layer_rules),
+        mtp,
+    )
+
+
+TABLE = decoder_with_mtp(LAYER)
 
 #: Keys of the original DeepSeek code that published files carry; transformers' DeepSeek-V3 reads none of them.
 HARMLESS = {"ep_size": 1, "moe_layer_freq": 1, "scoring_func": "sigmoid", "topk_method": "noaux_tc"}

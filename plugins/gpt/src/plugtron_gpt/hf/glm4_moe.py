@@ -17,30 +17,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from plugtron.conversion import BOOL, INT, ConfigReader, ConfigSchema, direct, layer, table, vocab_rows
+from plugtron.conversion import BOOL, INT, ConfigReader, ConfigSchema
 
 from .adapter import GPTAdapter
 from .architecture import Fields, HFArchitecture
-from .deepseek_v3 import DENSE_MLP, MOE_MLP, MTP_COPIES, TYPES, read_experts, read_sigmoid_router, write_experts, write_sigmoid_router
+from .deepseek_v3 import DENSE_MLP, MOE_MLP, MTP_COPIES, decoder_with_mtp, TYPES, read_experts, read_sigmoid_router, write_experts, write_sigmoid_router
 from .llama import DECODER_LAYER, head_dim_of, read_decoder, write_decoder
 from .rope import need_value, refuse_partial_yarn
 
 #: Llama's attention rules (its MLP rules are replaced by DeepSeek-V3's dense / MoE ones).
 ATTENTION = [r for r in DECODER_LAYER if not r.megatron.startswith(("mlp.", "{mlp_"))]
 LAYER = ATTENTION + DENSE_MLP + MOE_MLP
-MTP_RULES = layer("model.layers.{n}.", [
-    direct("enorm.weight", "enorm.weight", ("H",)),
-    direct("hnorm.weight", "hnorm.weight", ("H",)),
-    direct("eh_proj.weight", "eh_proj.weight", ("H", "H2")),
-    direct("shared_head.norm.weight", "final_layernorm.weight", ("H",)),
-], "mtp.layers.{m}.") + layer("model.layers.{n}.", LAYER, "mtp.layers.{m}.transformer_layer.")
-TABLE = table(
-    vocab_rows("model.embed_tokens.weight", "embedding.word_embeddings.weight"),
-    direct("model.norm.weight", "decoder.final_layernorm.weight", ("H",)),
-    vocab_rows("lm_head.weight", "output_layer.weight", when="not share_embeddings_and_output_weights"),
-    layer("model.layers.{i}.", LAYER),
-    MTP_RULES,
-)
+TABLE = decoder_with_mtp(LAYER)
 
 
 def _read(k: ConfigReader) -> Fields:
