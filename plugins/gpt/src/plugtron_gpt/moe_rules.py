@@ -16,7 +16,10 @@ the rule, before any tensor exists. Four kinds of rule:
   spec at TP > 1 (its column-parallel down projections drop other ranks'
   contributions to the rotary key's gradient).
 
-Nothing here imports torch or megatron.
+Routing, expert layout and dispatch rules are the core's
+(:mod:`plugtron.config.moe_rules`, shared with the Mamba family's ``E``
+layers); this module adds the GPT family's own. Nothing here imports torch or
+megatron.
 """
 
 from __future__ import annotations
@@ -25,44 +28,11 @@ import warnings
 from typing import TYPE_CHECKING, Any
 
 from plugtron import availability
+from plugtron.config.moe_rules import MOE_DEFAULTS, check_dispatch, check_expert_layout, check_routing, tp_of
 
 if TYPE_CHECKING:
     from plugtron_gpt.config import GPTModelConfig
 
-#: megatron's defaults for the MoE fields (TransformerConfig, 0.16.1): a field
-#: set to anything else on a dense model would be ignored.
-MOE_DEFAULTS: dict[str, Any] = {
-    "expert_model_parallel_size": 1,
-    "expert_tensor_parallel_size": None,
-    "moe_ffn_hidden_size": None,
-    "moe_shared_expert_intermediate_size": None,
-    "moe_shared_expert_gate": False,
-    "moe_shared_expert_overlap": False,
-    "moe_layer_freq": 1,
-    "moe_router_load_balancing_type": "aux_loss",
-    "moe_router_topk": 2,
-    "moe_router_num_groups": None,
-    "moe_router_group_topk": None,
-    "moe_router_pre_softmax": False,
-    "moe_router_topk_scaling_factor": None,
-    "moe_router_score_function": "softmax",
-    "moe_router_dtype": None,
-    "moe_router_enable_expert_bias": False,
-    "moe_router_bias_update_rate": 0.001,
-    "moe_grouped_gemm": False,
-    "moe_use_legacy_grouped_gemm": False,
-    "moe_aux_loss_coeff": 0.0,
-    "moe_z_loss_coeff": None,
-    "moe_input_jitter_eps": None,
-    "moe_token_dispatcher_type": "allgather",
-    "moe_enable_deepep": False,
-    "moe_expert_capacity_factor": None,
-    "moe_pad_expert_input_to_capacity": False,
-    "moe_token_drop_policy": "probs",
-    "moe_permute_fusion": False,
-    "moe_router_fusion": False,
-    "moe_apply_probs_on_input": False,
-}
 #: MLATransformerConfig fields that only MLA reads.
 MLA_ONLY: dict[str, Any] = {
     "q_lora_rank": 512, "kv_lora_rank": 512, "qk_head_dim": 128, "qk_pos_emb_head_dim": 64,
@@ -78,15 +48,6 @@ MLA_ROPE_FROM: dict[str, str] = {
     "mscale": "yarn_mscale",
     "mscale_all_dim": "yarn_mscale_all_dim",
 }
-SCORE_FUNCTIONS = ("softmax", "sigmoid")
-LOAD_BALANCING = ("aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none")
-DISPATCHERS = ("allgather", "alltoall", "flex")
-ROUTER_DTYPES = (None, "fp32", "fp64")
-DROP_POLICIES = ("probs", "position")
-
-
-def _tp(cfg: "GPTModelConfig") -> int:
-    return cfg._get("tensor_model_parallel_size", 1) or 1
 
 
 def _gpu_feature(*modules: tuple[str, str]) -> str | None:
@@ -124,106 +85,11 @@ def check_moe(cfg: "GPTModelConfig") -> None:
         return
     if not isinstance(experts, int) or isinstance(experts, bool) or experts < 1:
         cfg._fail("num_moe_experts", f"must be a positive integer, got {experts!r}")
-    _check_routing(cfg, experts)
-    _check_expert_layout(cfg, experts)
-    _check_dispatch(cfg)
+    check_routing(cfg, experts)
+    check_expert_layout(cfg, experts)
+    check_dispatch(cfg)
     _check_fused_paths(cfg)
     _check_layer_freq(cfg)
-
-
-def _check_routing(cfg: "GPTModelConfig", experts: int) -> None:
-    get = cfg._get
-    topk = get("moe_router_topk", 2)
-    if not isinstance(topk, int) or not 1 <= topk <= experts:
-        cfg._fail("moe_router_topk", f"must be between 1 and num_moe_experts={experts}, got {topk!r}")
-    score = get("moe_router_score_function", "softmax")
-    if score not in SCORE_FUNCTIONS:
-        cfg._fail("moe_router_score_function", f"must be one of {', '.join(SCORE_FUNCTIONS)}, not {score!r}")
-    balancing = get("moe_router_load_balancing_type", "aux_loss")
-    for kind in balancing if isinstance(balancing, list) else [balancing]:
-        if kind not in LOAD_BALANCING:
-            cfg._fail("moe_router_load_balancing_type", f"must be one of {', '.join(LOAD_BALANCING)} (or a list of them), not {kind!r}")
-    coeff = get("moe_aux_loss_coeff") or 0.0
-    if balancing == "sinkhorn" and any(coeff if isinstance(coeff, list) else [coeff]):
-        cfg._fail("moe_aux_loss_coeff", "must be 0 with moe_router_load_balancing_type='sinkhorn' (megatron asserts it at the first training forward)")
-    if topk == 1 and score == "softmax" and not get("moe_router_pre_softmax") and balancing != "sinkhorn":
-        cfg._fail("moe_router_pre_softmax", "must be True with moe_router_topk=1 and softmax scores (a softmax over one selected expert has zero gradient)")
-    if get("moe_router_enable_expert_bias") and score != "sigmoid":
-        cfg._fail("moe_router_enable_expert_bias", "aux-loss-free expert bias needs moe_router_score_function='sigmoid' (megatron's rule)")
-    rate = get("moe_router_bias_update_rate", 0.001)
-    if rate is None or rate < 0:
-        cfg._fail("moe_router_bias_update_rate", f"must be >= 0, got {rate!r}")
-    scaling = get("moe_router_topk_scaling_factor")
-    if scaling is not None and scaling <= 0:
-        cfg._fail("moe_router_topk_scaling_factor", f"must be positive, got {scaling!r}")
-    dtype = get("moe_router_dtype")
-    if dtype not in ROUTER_DTYPES:
-        cfg._fail("moe_router_dtype", f"must be null, 'fp32' or 'fp64', not {dtype!r}")
-    for name in ("moe_aux_loss_coeff", "moe_z_loss_coeff"):
-        value = get(name)
-        values = value if isinstance(value, list) else [value]
-        if any(v is not None and v < 0 for v in values):
-            cfg._fail(name, f"must be >= 0, got {value!r}")
-    _check_groups(cfg, experts, topk)
-
-
-def _check_groups(cfg: "GPTModelConfig", experts: int, topk: int) -> None:
-    groups, group_topk = cfg._get("moe_router_num_groups"), cfg._get("moe_router_group_topk")
-    if groups is None and group_topk is None:
-        return
-    if groups is None or group_topk is None:
-        missing = "moe_router_num_groups" if groups is None else "moe_router_group_topk"
-        cfg._fail(missing, "group-limited routing needs both moe_router_num_groups and moe_router_group_topk")
-    if groups < 1 or experts % groups:
-        cfg._fail("moe_router_num_groups", f"num_moe_experts={experts} must be divisible by moe_router_num_groups={groups}")
-    if not 1 <= group_topk <= groups:
-        cfg._fail("moe_router_group_topk", f"must be between 1 and moe_router_num_groups={groups}, got {group_topk}")
-    if topk < group_topk:
-        cfg._fail("moe_router_group_topk", f"megatron scores a group by its top (moe_router_topk // moe_router_group_topk) experts: needs moe_router_topk={topk} >= moe_router_group_topk={group_topk}")
-    per_group = experts // groups
-    if topk // group_topk > per_group or group_topk * per_group < topk:
-        cfg._fail("moe_router_topk", f"{topk} experts cannot be chosen from {group_topk} groups of {per_group} experts")
-
-
-def _check_expert_layout(cfg: "GPTModelConfig", experts: int) -> None:
-    get = cfg._get
-    ep = get("expert_model_parallel_size", 1) or 1
-    if not isinstance(ep, int) or ep < 1:
-        cfg._fail("expert_model_parallel_size", f"must be a positive integer, got {ep!r}")
-    if experts % ep:
-        cfg._fail("expert_model_parallel_size", f"num_moe_experts={experts} must be divisible by expert_model_parallel_size={ep}")
-    etp = get("expert_tensor_parallel_size") or _tp(cfg)
-    if not isinstance(etp, int) or etp < 1:
-        cfg._fail("expert_tensor_parallel_size", f"must be a positive integer, got {etp!r}")
-    ffn = get("moe_ffn_hidden_size") or get("ffn_hidden_size") or 4 * get("hidden_size")
-    if ffn % etp:
-        cfg._fail("moe_ffn_hidden_size", f"{ffn} must be divisible by expert_tensor_parallel_size={etp}")
-    if etp > 1 and get("add_bias_linear", True):
-        cfg._fail("add_bias_linear", f"megatron supports MoE biases only with expert_tensor_parallel_size=1, not {etp}")
-    shared = get("moe_shared_expert_intermediate_size")
-    if shared is not None and (not isinstance(shared, int) or shared <= 0 or shared % _tp(cfg)):
-        cfg._fail("moe_shared_expert_intermediate_size", f"must be a positive multiple of tensor_model_parallel_size={_tp(cfg)}, got {shared!r}")
-    if shared is None:
-        for name in ("moe_shared_expert_gate", "moe_shared_expert_overlap"):
-            if get(name):
-                cfg._fail(name, "needs a shared expert (moe_shared_expert_intermediate_size)")
-
-
-def _check_dispatch(cfg: "GPTModelConfig") -> None:
-    get = cfg._get
-    dispatcher = get("moe_token_dispatcher_type", "allgather")
-    if dispatcher not in DISPATCHERS:
-        cfg._fail("moe_token_dispatcher_type", f"must be one of {', '.join(DISPATCHERS)}, not {dispatcher!r}")
-    if get("moe_shared_expert_overlap") and dispatcher != "alltoall":
-        cfg._fail("moe_shared_expert_overlap", f"works with the alltoall dispatcher only, not {dispatcher!r}")
-    factor = get("moe_expert_capacity_factor")
-    if factor is not None and factor <= 0:
-        cfg._fail("moe_expert_capacity_factor", f"must be positive (or null for no token dropping), got {factor!r}")
-    if get("moe_pad_expert_input_to_capacity") and factor is None:
-        cfg._fail("moe_pad_expert_input_to_capacity", "needs moe_expert_capacity_factor (the capacity to pad to)")
-    policy = get("moe_token_drop_policy", "probs")
-    if policy not in DROP_POLICIES:
-        cfg._fail("moe_token_drop_policy", f"must be 'probs' or 'position', not {policy!r}")
 
 
 def _check_fused_paths(cfg: "GPTModelConfig") -> None:
@@ -301,13 +167,13 @@ def check_mla(cfg: "GPTModelConfig") -> None:
         why = _gpu_feature(("triton", "triton"))
         if why:
             cfg._fail("apply_rope_fusion", f"MLA's fused RoPE is a triton kernel: {why}")
-    if cfg.layer_spec == "local" and _tp(cfg) > 1:
+    if cfg.layer_spec == "local" and tp_of(cfg) > 1:
         cfg._fail("layer_spec", "megatron's local MLA spec has column-parallel q/kv down projections, which give wrong gradients at tensor_model_parallel_size > 1; use 'torch' (replicated down projections)")
 
 
 # -- tensor parallelism -----------------------------------------------------------------
 def check_tensor_parallel(cfg: "GPTModelConfig") -> None:
-    tp = _tp(cfg)
+    tp = tp_of(cfg)
     if tp == 1 or not (cfg.is_moe() or cfg.is_mla()):
         return
     what = " and ".join(n for n, on in (("Mixture-of-Experts", cfg.is_moe()), ("Multi-Latent Attention", cfg.is_mla())) if on)
