@@ -43,7 +43,7 @@ from plugtron.conversion.packing import (
     unpack_qkv,
     unpad_vocab,
 )
-from plugtron.conversion.pieces import split_rows
+from plugtron.conversion.pieces import rows_from_pieces
 from plugtron.conversion.table import assert_unique, checked_mapping, hf_to_megatron, megatron_to_hf
 
 # -- the repacking functions ------------------------------------------------------------------------------------------
@@ -150,16 +150,7 @@ def _random(mapping, gen):
 
 
 def _assemble(mapping, tensors, start, stop):
-    """Megatron rows start:stop from the pieces, reading the source tensors."""
-    parts = []
-    for piece, first, count, _ in split_rows(mapping.pieces, start, stop):
-        if piece.hf_name is None:
-            parts.append(torch.zeros(count, *mapping.megatron_shape[1:]))
-            continue
-        source = tensors[piece.hf_name]
-        lo = piece.start + first
-        parts.append(source[:, lo:lo + count].t() if piece.transposed else source[lo:lo + count])
-    return torch.cat(parts)
+    return rows_from_pieces(mapping.pieces, mapping.megatron_shape, tensors, start, stop)
 
 
 @pytest.mark.parametrize("rules,sym", [(EVERY_KIND, SYM), (GPT2_LIKE, SYM_MHA)], ids=["grouped", "transposed"])

@@ -98,3 +98,19 @@ def run_scenarios(scenarios: list[dict[str, Any]], out: Path, *, timeout: float 
     proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     return json.loads(result_file.read_text()), proc.stdout
+
+
+def expert_bytes(directory: Path) -> dict[int, int]:
+    """Checkpoint bytes of each routed expert (all layers, all projections), by global expert index."""
+    import re
+
+    from safetensors import safe_open
+
+    per: dict[int, int] = {}
+    with safe_open(str(directory / "model.safetensors"), "pt") as f:
+        for name in f.keys():
+            found = re.search(r"\.experts\.(\d+)\.", name)
+            if found:
+                t = f.get_tensor(name)
+                per[int(found.group(1))] = per.get(int(found.group(1)), 0) + t.numel() * t.element_size()
+    return per

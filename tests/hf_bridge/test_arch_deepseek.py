@@ -9,9 +9,8 @@ harness (``arch_cases/deepseek.py``).
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -116,13 +115,6 @@ PUBLISHED = [
         "moe_layer_freq": [0] + [1] * 45, "moe_router_score_function": "sigmoid",
         "moe_router_enable_expert_bias": True, "moe_router_num_groups": None, "moe_router_topk_scaling_factor": 1.0}),
 ]
-
-
-@pytest.fixture(autouse=True)
-def _quiet() -> Iterator[None]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
 
 
 def fields_of(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -8,8 +8,7 @@ Parity (TP=1, TP=2, PP=2) and the bit-exact round trips run through the shared h
 from __future__ import annotations
 
 import argparse
-import warnings
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -69,13 +68,6 @@ PUBLISHED = [
                                             "moe_shared_expert_intermediate_size": 5632, "moe_shared_expert_gate": True,
                                             "add_qkv_bias": True, "ffn_hidden_size": 5632}),
 ]
-
-
-@pytest.fixture(autouse=True)
-def _quiet() -> Iterator[None]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
 
 
 def fields_of(cfg: dict[str, Any]) -> dict[str, Any]:

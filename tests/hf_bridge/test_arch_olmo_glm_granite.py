@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 
 import pytest
 
@@ -63,13 +62,6 @@ PUBLISHED = {
                                 "softmax_scale": 0.015625, "rotary_base": 5000000.0,
                                 "share_embeddings_and_output_weights": True, "num_query_groups": 8}),
 }
-
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
 
 
 def fields_of(cfg: dict) -> dict:

@@ -3,28 +3,13 @@ round trip HF -> megatron -> HF, and the config translated both ways."""
 
 from __future__ import annotations
 
-import warnings
-from typing import Iterator
 
 import pytest
 
 from arch_cases import all_cases, save_case
 from hfb_helpers import bit_exact
-from plugtron import PlugtronPluginManager
 
 CASES = all_cases()
-
-
-@pytest.fixture(scope="module")
-def pm() -> PlugtronPluginManager:
-    return PlugtronPluginManager()
-
-
-@pytest.fixture(autouse=True)
-def _quiet() -> Iterator[None]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 import torch
 
-from plugtron.manager import PlugtronPluginManager
 from plugtron.sharding import unwrap
 from plugtron_hf_bridge import exporter
 from plugtron_hf_bridge.checkpoint import bridge_meta, load_megatron, save_megatron
@@ -19,18 +17,6 @@ from plugtron_hf_bridge.importer import import_hf
 from plugtron_hf_bridge.verify import verify
 
 from hfb_helpers import CASES, bit_exact, make_hf
-
-
-@pytest.fixture(scope="module")
-def pm() -> PlugtronPluginManager:
-    return PlugtronPluginManager()
-
-
-@pytest.fixture(autouse=True)
-def _quiet() -> Iterator[None]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
 
 
 def _config_diff(a: Path, b: Path) -> list[str]:

@@ -15,14 +15,12 @@ import pickle
 import shutil
 import subprocess
 import sys
-import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch
 
-from plugtron.manager import PlugtronPluginManager
 from plugtron.sharding import unwrap
 from plugtron_hf_bridge import dcp_direct, dcp_metadata
 from plugtron_hf_bridge.checkpoint import bridge_meta, load_megatron, read_meta, save_megatron
@@ -33,18 +31,6 @@ from plugtron_hf_bridge.preflight import preflight_import
 from hfb_helpers import ARCHS, bit_exact, hf_config, make_hf, rewrite
 
 PLUGTRON = str(Path(sys.executable).with_name("plugtron"))
-
-
-@pytest.fixture(autouse=True)
-def _quiet() -> Iterator[None]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-
-
-@pytest.fixture(scope="module")
-def pm() -> PlugtronPluginManager:
-    return PlugtronPluginManager()
 
 
 @pytest.fixture(scope="module")

@@ -15,14 +15,12 @@ import pickle
 import shutil
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 import torch
 
-from plugtron.manager import PlugtronPluginManager
 from plugtron.untrusted import MAX_JSON_BYTES
 from plugtron_hf_bridge.checkpoint import bridge_meta, load_megatron, read_meta, save_megatron, tokenizer_files
 from plugtron_hf_bridge.errors import CheckpointFormatError
@@ -41,18 +39,6 @@ class Payload:
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (os.mkdir, (str(self.marker),))
-
-
-@pytest.fixture(autouse=True)
-def _quiet() -> Iterator[None]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-
-
-@pytest.fixture(scope="module")
-def pm() -> PlugtronPluginManager:
-    return PlugtronPluginManager()
 
 
 @pytest.fixture(scope="module")

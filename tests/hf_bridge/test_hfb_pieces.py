@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from plugtron.config.base import padded_vocab_size
-from plugtron.conversion.pieces import split_rows
+from plugtron.conversion.pieces import rows_from_pieces
 from plugtron.sharding import local_row_ranges, tp_slice
 from plugtron_gpt.hf.catalogue import mapping_for, to_megatron_fields
 from plugtron_hf_bridge.errors import CheckpointFormatError, MappingError
@@ -19,16 +19,7 @@ from hfb_helpers import ARCHS, hf_config
 
 
 def _assemble(mapping, tensors, start, stop):
-    """Megatron rows start:stop from the pieces, reading the in-memory HF tensors."""
-    parts = []
-    for piece, first, count, _ in split_rows(mapping.pieces, start, stop):
-        if piece.hf_name is None:
-            parts.append(torch.zeros(count, *mapping.megatron_shape[1:]))
-            continue
-        source = tensors[piece.hf_name]
-        lo = piece.start + first
-        parts.append(source[:, lo:lo + count].t() if piece.transposed else source[lo:lo + count])
-    return torch.cat(parts)
+    return rows_from_pieces(mapping.pieces, mapping.megatron_shape, tensors, start, stop)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -13,13 +13,12 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
 
 from arch_cases import save_case
-from hfb_helpers import run_scenarios
+from hfb_helpers import expert_bytes, run_scenarios
 from arch_cases.moe import MIXTRAL, OLMOE, QWEN2_MOE, QWEN3_MOE
 
 pytestmark = pytest.mark.multiprocess
@@ -52,20 +51,6 @@ def test_float32_parity_and_bit_exact_export_at_expert_layouts(launch, name) -> 
     r = launch[0][name]
     assert r["diff"] <= 1e-4 and r["top1"] == 1.0 and r["cosine"] > 0.999999 and r["scale"] > 0.2, r
     assert r["mismatched"] == [], r
-
-
-def expert_bytes(directory: Path) -> dict[int, int]:
-    """Checkpoint bytes of each routed expert (all layers, all projections), by global expert index."""
-    from safetensors import safe_open
-
-    per: dict[int, int] = {}
-    with safe_open(str(directory / "model.safetensors"), "pt") as f:
-        for name in f.keys():
-            found = re.search(r"\.experts\.(\d+)\.", name)
-            if found:
-                t = f.get_tensor(name)
-                per[int(found.group(1))] = per.get(int(found.group(1)), 0) + t.numel() * t.element_size()
-    return per
 
 
 @pytest.mark.parametrize("name,case", [("ep2 qwen3_moe", "qwen3_moe"), ("ep2 mixtral", "mixtral"),

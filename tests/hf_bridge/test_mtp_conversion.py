@@ -17,9 +17,8 @@ embedding / head copies the exporter writes back.
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -32,13 +31,6 @@ ARCH = "DeepseekV3ForCausalLM"
 LAYERS = DEEPSEEK_V3.config["num_hidden_layers"]
 #: The MTP tensors a published checkpoint stores that megatron shares with the main model.
 SHARED_COPIES = {"embed_tokens.weight": "model.embed_tokens.weight", "shared_head.head.weight": "lm_head.weight"}
-
-
-@pytest.fixture(autouse=True)
-def _quiet() -> Iterator[None]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
 
 
 def _fields(mtp: int) -> dict[str, Any]:

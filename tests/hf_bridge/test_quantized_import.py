@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -130,13 +129,6 @@ def make_checkpoints(root: Path, seed: int = 0) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory) -> tuple[Path, Path]:
     return make_checkpoints(tmp_path_factory.mktemp("fp8"))
-
-
-@pytest.fixture(autouse=True)
-def _quiet() -> Iterator[None]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
 
 
 # -- TP=1 in process -------------------------------------------------------------------------------------

@@ -16,7 +16,6 @@ the checkpoint: no rank reads another rank's experts.
 
 from __future__ import annotations
 
-import re
 import sys
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from plugtron_mamba.hf.tiny import TINY_MOE, save_tiny_moe_hf
 pytestmark = pytest.mark.multiprocess
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hf_bridge"))
-from hfb_helpers import run_scenarios  # noqa: E402  (the bridge's two-rank scenario runner)
+from hfb_helpers import expert_bytes, run_scenarios  # noqa: E402  (the bridge's two-rank scenario runner)
 RUNS = {"ep2": {"ep": 2}, "tp2 ep2": {"tp": 2, "ep": 2, "etp": 1}}
 PP_PATTERN = "EM*E-ME*"
 
@@ -55,24 +54,11 @@ def test_pipeline_parallel_parity_and_bit_exact_export(launch) -> None:
     assert r["diff"] <= 1e-4 and r["top1"] == 1.0 and r["mismatched"] == [], r
 
 
-def _expert_bytes(directory: Path) -> dict[int, int]:
-    from safetensors import safe_open
-
-    per: dict[int, int] = {}
-    with safe_open(str(directory / "model.safetensors"), "pt") as f:
-        for name in f.keys():
-            found = re.search(r"\.experts\.(\d+)\.", name)
-            if found:
-                t = f.get_tensor(name)
-                per[int(found.group(1))] = per.get(int(found.group(1)), 0) + t.numel() * t.element_size()
-    return per
-
-
 @pytest.mark.parametrize("name", list(RUNS))
 def test_each_rank_reads_only_its_experts(launch, name) -> None:
     results, src = launch
     r = results[name]
-    per, local = _expert_bytes(src), TINY_MOE["n_routed_experts"] // 2
+    per, local = expert_bytes(src), TINY_MOE["n_routed_experts"] // 2
     assert r["ep_ranks"] == [0, 1]
     for reads, ep_rank in zip(r["reads"], r["ep_ranks"]):
         mine = sum(per[e] for e in range(ep_rank * local, (ep_rank + 1) * local))

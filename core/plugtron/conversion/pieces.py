@@ -13,7 +13,7 @@ in :mod:`.packing`, and a test checks both give identical tensors.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 
 @dataclass(frozen=True)
@@ -91,3 +91,24 @@ def split_rows(pieces: Sequence[Piece], start: int, stop: int) -> Iterator[tuple
         position += piece.length
         if position >= stop:
             return
+
+
+def rows_from_pieces(pieces: Sequence[Piece], shape: tuple[int, ...], tensors: Mapping[str, Any],
+                     start: int, stop: int) -> Any:
+    """Megatron rows ``start:stop`` (of a tensor of ``shape``) assembled from in-memory source ``tensors``.
+
+    The in-memory twin of what the engine's importer reads from files, for
+    checking a table: its rows must equal the kind's repacking of the whole
+    tensors (``tests/core/test_core_conversion_table.py`` does, for every kind).
+    """
+    import torch
+
+    parts = []
+    for piece, first, count, _ in split_rows(pieces, start, stop):
+        if piece.hf_name is None:
+            parts.append(torch.zeros(count, *shape[1:]))
+            continue
+        source = tensors[piece.hf_name]
+        lo = piece.start + first
+        parts.append(source[:, lo:lo + count].t() if piece.transposed else source[lo:lo + count])
+    return torch.cat(parts)
