@@ -81,12 +81,15 @@ def _sync_tied_embedding_grads(chunks: list) -> None:
 
 
 def _sync_sequence_parallel_grads(chunks: list) -> None:
-    """Sum, over the TP group, grads of parameters replicated under sequence parallelism.
+    """Sum, over the TP group, grads of replicated parameters that see only a rank's share.
 
     With sequence parallelism each TP rank sees only its slice of the
-    sequence, so norm weights collect partial grads; megatron's
-    ``finalize_model_grads`` sums them for DDP-wrapped chunks, this does it
-    for plain ones. Decided on ``requires_grad``, which TP ranks share.
+    sequence, so norm weights collect partial grads; per-head q/k norms see
+    only the rank's heads at any TP > 1. megatron's ``finalize_model_grads``
+    sums both for DDP-wrapped chunks (``sequence_parallel`` parameters, and
+    ``q_layernorm`` / ``k_layernorm`` ones when the config has
+    ``qk_layernorm``), this does the same for plain ones. Decided on
+    ``requires_grad``, which TP ranks share.
     """
     from megatron.core import parallel_state
 
@@ -94,8 +97,10 @@ def _sync_sequence_parallel_grads(chunks: list) -> None:
         return
     group = parallel_state.get_tensor_model_parallel_group()
     for chunk in chunks:
-        for param in chunk.parameters():
-            if getattr(param, "sequence_parallel", False) and param.requires_grad:
+        qk_norms = bool(getattr(getattr(chunk, "config", None), "qk_layernorm", False))
+        for name, param in chunk.named_parameters():
+            per_head = qk_norms and ("q_layernorm" in name or "k_layernorm" in name)
+            if (getattr(param, "sequence_parallel", False) or per_head) and param.requires_grad:
                 _reduce_grad(param, group)
 
 

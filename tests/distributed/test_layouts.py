@@ -19,6 +19,8 @@ SCENARIOS = [
     {"name": "fsdp2 dp=2", "ref": "untied", "wrap": "fsdp2"},
     {"name": "tp=2", "ref": "untied", "tp": 2},
     {"name": "tp=2 tied", "ref": "tied", "tp": 2},
+    # megatron's own per-head q/k norms (local spec) see only a rank's heads: partial grads at TP > 1
+    {"name": "tp=2 local q/k norms", "ref": "qk_norm", "tp": 2},
     {"name": "pp=2", "ref": "untied", "pp": 2},
     {"name": "pp=2 tied", "ref": "tied", "pp": 2},
     {"name": "pp=2 vp=2", "ref": "untied", "pp": 2, "vp": 2},
@@ -28,7 +30,7 @@ SCENARIOS = [
 EXACT = [s["name"] for s in SCENARIOS if "batch_p2p_comm" not in s]
 
 
-def _config(tied: bool):
+def _config(tied: bool, **extra):
     from plugtron_gpt.config import GPTModelConfig
 
     # vocab 128 padded to a multiple of 64: the same padded size at TP=1 and TP=2
@@ -37,13 +39,14 @@ def _config(tied: bool):
         vocab_size=128, make_vocab_size_divisible_by=64, seq_length=16, normalization="RMSNorm",
         gated_linear_unit=True, activation_func=torch.nn.functional.silu, add_bias_linear=False,
         hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True,
-        share_embeddings_and_output_weights=tied, layer_spec="local",
+        share_embeddings_and_output_weights=tied, layer_spec="local", **extra,
     )
 
 
 @pytest.fixture(scope="module")
 def layout_results(tmp_path_factory) -> dict:
-    references = {"untied": parity.reference(_config(False)), "tied": parity.reference(_config(True))}
+    references = {"untied": parity.reference(_config(False)), "tied": parity.reference(_config(True)),
+                  "qk_norm": parity.reference(_config(False, qk_layernorm=True))}
     return parity.run(references, SCENARIOS, tmp_path_factory.mktemp("layouts"))
 
 
