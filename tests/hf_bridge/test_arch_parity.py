@@ -39,3 +39,12 @@ def test_config_round_trip_through_megatron_fields(pm, case) -> None:
     exported = adapter.fields_to_hf(fields, passthrough=original)
     assert exported["architectures"] == [case.architecture]
     assert adapter.to_fields(exported) == fields
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_the_source_config_describes_the_imported_model(tmp_path, pm, case) -> None:
+    """Export then writes the source config.json back as it was (only the dtype updated)."""
+    from plugtron_hf_bridge.importer import plan_import
+
+    plan = plan_import(save_case(tmp_path / "hf", case), pm=pm)
+    assert plan.adapter.describes(plan.config, plan.hf_config)
