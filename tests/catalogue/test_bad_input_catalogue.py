@@ -267,6 +267,21 @@ def test_a_relaunch_never_imports_from_the_working_directory(work: Path) -> None
     assert list(tmp.iterdir()) == []
 
 
+def test_python_m_plugtron_cli_never_imports_from_the_working_directory(work: Path) -> None:
+    """``python -m plugtron.cli`` (torchrun's and srun's way) without ``-P`` or ``PYTHONSAFEPATH``
+    from a folder holding ``pluggy.py`` / ``attrs.py``: the real ones load, the bait never runs."""
+    cwd = work / "cwd-m"
+    cwd.mkdir()
+    marker = work / "marker-m"
+    for name in ("pluggy.py", "attrs.py", "torch.py"):
+        (cwd / name).write_text(f"open({str(marker)!r}, 'a').write({name!r})\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}
+    done = subprocess.run([sys.executable, "-m", "plugtron.cli", "plugins"], cwd=cwd, capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "loaded" in done.stdout and not marker.exists()
+
+
 def _processes_mentioning(text: str) -> list[int]:
     pids = []
     for proc in Path("/proc").iterdir():

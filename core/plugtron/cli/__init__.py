@@ -61,7 +61,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from plugtron.runtime.launcher import private_tmpdir
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    _safe_import_path()
     with _signals_as_exits(), private_tmpdir():
         try:
             pm = _manager(_extra_plugins(argv))
@@ -76,20 +75,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         except BaseException as exc:  # noqa: BLE001 - the last line of defence (torch's CheckpointException
             return _fail(exc, 1)      # is a BaseException): one line, not a traceback
-
-
-def _safe_import_path() -> None:
-    """Run as ``python -m plugtron.cli`` without ``-P`` (torchrun's and srun's way): take the working
-    directory off ``sys.path`` before any dependency is imported, as plugtron's own launcher does
-    with ``-P``, and keep it off for child processes (``PYTHONSAFEPATH``). What ``import plugtron``
-    loaded before this (the standard library, pluggy, attrs) was not protected: ``PYTHONSAFEPATH=1``
-    exported for the launcher covers those too, and the README's multi-node commands set it."""
-    main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    if sys.flags.safe_path or getattr(main_spec, "name", None) != "plugtron.cli.__main__":
-        return
-    if sys.path and sys.path[0] in ("", os.getcwd()):
-        del sys.path[0]
-    os.environ["PYTHONSAFEPATH"] = "1"
 
 
 def terminate(signum: int, frame: object) -> None:
