@@ -80,36 +80,16 @@ def run(references: dict[str, dict], scenarios: list[dict], workdir: Path, *, np
 
 
 # -- inside the torchrun job -----------------------------------------------------
-def _global_name(name: str, offset: int, config: Any) -> str:
-    from plugtron.sharding import to_global_name
-
-    name = to_global_name(name, offset)
-    return TIED if config.share_embeddings_and_output_weights and name == "output_layer.weight" else name
-
-
-def _expert_layout(config: Any) -> tuple[int, int]:
-    """(expert-parallel rank, experts per rank) of this rank; (0, 0) without MoE."""
-    experts = getattr(config, "num_moe_experts", None)
-    if not experts:
-        return 0, 0
-    from megatron.core import parallel_state
-
-    ep = parallel_state.get_expert_model_parallel_world_size()
-    return parallel_state.get_expert_model_parallel_rank(), experts // ep
-
-
 def _named(chunks: list, config: Any, named: str):
-    """(global name, tensor) of every parameter or buffer (``named``) on this rank."""
-    from plugtron.sharding import expert_global_name, is_expert_name, layer_offset, unwrap
+    """(global name, tensor) of every parameter or buffer (``named``) on this rank; a tied output layer as TIED."""
+    from plugtron.sharding import layer_offset, model_global_name, unwrap
 
-    ep_rank, local = _expert_layout(config)
+    tied = config.share_embeddings_and_output_weights
     for chunk in chunks:
         offset = layer_offset(chunk)
         for name, tensor in getattr(unwrap(chunk), named)():
-            gname = _global_name(name, offset, config)
-            if local and is_expert_name(gname):
-                gname = expert_global_name(gname, ep_rank, local)
-            yield gname, tensor
+            gname = model_global_name(name, offset, config)
+            yield (TIED if tied and gname == "output_layer.weight" else gname), tensor
 
 
 def _params(chunks: list, builder: Any, config: Any):

@@ -153,6 +153,19 @@ def expert_global_name(local_name: str, ep_rank: int, num_local_experts: int) ->
     return _GROUPED_EXPERT.sub(lambda m: f"{m.group(1)}{int(m.group(2)) + offset}", name, count=1)
 
 
+def model_global_name(local_name: str, offset: int, config: Any) -> str:
+    """A chunk's parameter (or buffer) name as the whole model spells it: the global layer number
+    (:func:`to_global_name`) and, for routed experts, the global expert index (:func:`expert_global_name`)."""
+    name = to_global_name(local_name, offset)
+    experts = getattr(config, "num_moe_experts", None)
+    if not experts or not is_expert_name(name):
+        return name
+    from megatron.core import parallel_state
+
+    ep = parallel_state.get_expert_model_parallel_world_size()
+    return expert_global_name(name, parallel_state.get_expert_model_parallel_rank(), experts // ep)
+
+
 def shard_group(name: str) -> tuple[Any, int, int]:
     """(group, size, rank) that splits the tensor ``name``: expert-tensor-parallel for routed experts, else TP."""
     from megatron.core import parallel_state

@@ -66,9 +66,7 @@ def refuse_existing(dst: str | Path, overwrite: bool, sources: Iterable[str | Pa
 
 def _local_params(chunks: list, config: Any) -> dict[str, Any]:
     """Global megatron name (layer and expert) -> this rank's parameter; a tied output layer is a copy, not a source."""
-    from plugtron.sharding import layer_offset, unwrap
-
-    from .importer import global_name
+    from plugtron.sharding import layer_offset, model_global_name, unwrap
 
     tied = bool(config.share_embeddings_and_output_weights)
     params = {}
@@ -76,7 +74,7 @@ def _local_params(chunks: list, config: Any) -> dict[str, Any]:
         inner = unwrap(chunk)
         offset = layer_offset(inner)
         for local, param in [*inner.named_parameters(), *_persistent_buffers(inner)]:
-            name = global_name(local, offset, config)
+            name = model_global_name(local, offset, config)
             if not (tied and name == OUTPUT):
                 params[name] = param
     return params

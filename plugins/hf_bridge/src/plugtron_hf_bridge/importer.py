@@ -249,15 +249,22 @@ class ShardLoader:
                 self.filled.add(mapping.megatron_name)
 
     def _jobs(self, inner: Any, offset: int) -> list[tuple[str, Any, "TensorMapping"]]:
-        """Resolve every parameter to its mapping first: an unmapped one fails before any read."""
-        params = list(inner.named_parameters())
+        """Resolve every parameter to its mapping first: an unmapped one fails before any read.
+
+        Names are the table's: global layers, and global expert indices for routed experts
+        (a rank's ``local_experts.{j}`` is expert ``ep_rank x local + j``).
+        """
+        from plugtron.sharding import model_global_name as global_name
+
+        config = self.plan.config
+        params = [(global_name(n, offset, config), p) for n, p in inner.named_parameters()]
         table = self.table(any(n.endswith("layer_norm_weight") for n, _ in params))
         # persistent buffers the table maps (a router's expert_bias): loaded like parameters
-        params += [(n, b) for n, b in inner.named_buffers() if global_name(n, offset, self.plan.config) in table]
-        tied = self.plan.config.share_embeddings_and_output_weights
+        buffers = ((global_name(n, offset, config), b) for n, b in inner.named_buffers())
+        params += [(n, b) for n, b in buffers if n in table]
+        tied = config.share_embeddings_and_output_weights
         jobs, missing, wrong = [], [], []
-        for local, param in params:
-            name = global_name(local, offset, self.plan.config)
+        for name, param in params:
             mapping = table.get(EMBEDDING if tied and name == OUTPUT else name)
             if mapping is None:
                 missing.append(name)
@@ -346,23 +353,6 @@ class ShardLoader:
         if never:
             raise TensorSetError("HF tensors no rank loaded (the model has no parameter for them)", never)
         return [reads for _, reads in gathered]
-
-
-def global_name(local: str, offset: int, config: Any) -> str:
-    """A chunk's parameter name as the tensor table spells it: global layer, and global expert index.
-
-    Routed experts are numbered per expert-parallel rank in the model
-    (``local_experts.0`` .. ``local_experts.{local - 1}``); the table numbers them globally.
-    """
-    from plugtron.sharding import expert_global_name, is_expert_name, to_global_name
-
-    name = to_global_name(local, offset)
-    if not is_expert_name(name):
-        return name
-    from megatron.core import parallel_state
-
-    local_count = config.num_moe_experts // (config.expert_model_parallel_size or 1)
-    return expert_global_name(name, parallel_state.get_expert_model_parallel_rank(), local_count)
 
 
 def plain_torch() -> Any:
