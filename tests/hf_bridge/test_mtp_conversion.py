@@ -174,3 +174,17 @@ def test_mtp_checkpoint_at_pp2_tp2_ep2(tmp_path) -> None:
 
     for r in run_scenarios(scenarios, tmp_path / "out")[0]:
         assert r["diff"] <= 1e-4 and r["top1"] == 1.0 and r["mismatched"] == [], r
+
+
+def test_the_launchers_torch_free_check_accepts_stored_mtp_layers_as_the_plan_does(tmp_path) -> None:
+    """``convert --tp 2`` checks the checkpoint in the launcher without torch: it sizes the MTP layers from the
+    tensor names as ``plan_import`` does, so a published DeepSeek-V3-style checkpoint is not refused there."""
+    from safetensors.torch import save_file
+
+    from plugtron_hf_bridge.importer import plan_import
+    from plugtron_hf_bridge.preflight import preflight_import
+
+    tensors = _checkpoint(tmp_path, 1)
+    save_file(tensors, str(tmp_path / "hf" / "model.safetensors"), metadata={"format": "pt"})
+    assert preflight_import(tmp_path / "hf") is True
+    assert plan_import(tmp_path / "hf").config.mtp_num_layers == 1

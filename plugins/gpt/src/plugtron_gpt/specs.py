@@ -103,14 +103,14 @@ def te_full_spec(config: Any) -> Any:
 
 
 # -- MoE and MLA ------------------------------------------------------------------------
-def moe_layer_pattern(config: Any) -> list[int]:
-    """1 for a MoE layer, 0 for a dense one, per global layer (megatron's reading of moe_layer_freq)."""
-    freq = config.moe_layer_freq
-    if not config.num_moe_experts:
-        return [0] * config.num_layers
-    if isinstance(freq, int):
-        return [1 if i % freq == 0 else 0 for i in range(config.num_layers)]
-    return list(freq)
+def moe_layer_pattern(num_layers: int, num_moe_experts: int | None, moe_layer_freq: int | list[int]) -> list[int]:
+    """1 for a MoE layer, 0 for a dense one, per global layer: megatron's reading of ``moe_layer_freq``
+    (an int: every n-th layer from layer 0; a list: 1 = MoE). Plain values, so the HF tables use it too."""
+    if not num_moe_experts:
+        return [0] * num_layers
+    if isinstance(moe_layer_freq, int):
+        return [1 if i % moe_layer_freq == 0 else 0 for i in range(num_layers)]
+    return list(moe_layer_freq)
 
 
 def _block_spec(config: Any, backend: str) -> Any:
@@ -124,8 +124,9 @@ def _block_spec(config: Any, backend: str) -> Any:
 
         layers = get_gpt_decoder_layer_specs(tc, use_transformer_engine=True, normalization=config.normalization)
         return TransformerBlockSubmodules(layer_specs=layers, layer_norm=TENorm)
-    specs = {kind: _cpu_layer_spec(config, backend, moe=bool(kind)) for kind in set(moe_layer_pattern(config))}
-    layers = [specs[kind] for kind in moe_layer_pattern(config)]
+    pattern = moe_layer_pattern(config.num_layers, config.num_moe_experts, config.moe_layer_freq)
+    specs = {kind: _cpu_layer_spec(config, backend, moe=bool(kind)) for kind in set(pattern)}
+    layers = [specs[kind] for kind in pattern]
     return TransformerBlockSubmodules(layer_specs=layers, layer_norm=_norm_class(backend))
 
 

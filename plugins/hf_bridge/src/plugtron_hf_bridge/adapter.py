@@ -25,8 +25,8 @@ An adapter answers four questions:
 Optional, used when present:
 
 * ``model_type``: identifies configs that lack ``architectures``;
-* ``torch_free_table(hf_config, source=...)`` -> ``(mappings, tolerated)``: the
-  table straight from ``config.json`` without torch, so the launcher checks a
+* ``torch_free_table(hf_config, source=..., names=...)`` -> ``(mappings, tolerated)``:
+  the table straight from ``config.json`` and the checkpoint's tensor names without torch, so the launcher checks a
   checkpoint before any rank starts (else the ranks do the full plan);
 * ``describes(config, hf_config)``: whether an exported model may keep the
   source ``config.json`` as it was.

@@ -128,14 +128,14 @@ def preflight_import(src: str | Path, *, dtype: str | None = None,
     torch_free_table = getattr(adapter, "torch_free_table", None)
     if torch_free_table is None:
         return False
-    mappings, tolerated = torch_free_table(hf_config, source=where)
-    if hasattr(adapter, "to_fields"):
+    if hasattr(adapter, "to_fields"):  # the config first, as the full plan checks it
         check_expert_layout(adapter.to_fields(hf_config, source=where), ep, etp, where)
     side_files(source)
     from .quantization import scheme_of
 
     scheme = scheme_of(hf_config, where)
     index = SafetensorsIndex(source)
+    mappings, tolerated = torch_free_table(hf_config, source=where, names=index.names())
     dtype_name = dtype or stored_dtype(index, source, scheme is not None)
     check_table(index, mappings, tolerated, dtype_name, arch, scheme)
     return True

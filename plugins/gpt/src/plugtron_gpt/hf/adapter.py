@@ -71,12 +71,11 @@ def mla_symbols(f: Fields) -> dict[str, int]:
 
 
 def layer_kinds(f: Fields) -> list[str]:
-    """``"moe"`` or ``"dense"`` per layer, megatron's reading of ``moe_layer_freq`` (an int: every n-th
-    layer from layer 0; a list: 1 = MoE); rules limited to a kind (``for_layers``) follow it."""
-    layers, experts, freq = f["num_layers"], f.get("num_moe_experts"), f.get("moe_layer_freq", 1)
-    if not experts:
-        return ["dense"] * layers
-    pattern = [1 if i % freq == 0 else 0 for i in range(layers)] if isinstance(freq, int) else list(freq)
+    """``"moe"`` or ``"dense"`` per layer, as the family's specs build them
+    (:func:`plugtron_gpt.specs.moe_layer_pattern`); rules limited to a kind (``for_layers``) follow it."""
+    from plugtron_gpt.specs import moe_layer_pattern
+
+    pattern = moe_layer_pattern(f["num_layers"], f.get("num_moe_experts"), f.get("moe_layer_freq", 1))
     return ["moe" if p else "dense" for p in pattern]
 
 
@@ -200,12 +199,15 @@ class GPTAdapter:
         writes ``num_nextn_predict_layers: 1`` into checkpoints it saves without them, so the config
         cannot tell. 0 for architectures without MTP layers (no ``mtp_copies``).
         """
+        return self._stored_mtp(names, config.num_layers)
+
+    def _stored_mtp(self, names: Iterable[str], num_layers: int) -> int:
         if not self.mtp_copies:
             return 0
         stored = {int(part[2]) for part in (n.split(".") for n in names)
                   if len(part) > 3 and part[:2] == ["model", "layers"] and part[2].isdigit()}
         count = 0
-        while config.num_layers + count in stored:
+        while num_layers + count in stored:
             count += 1
         return count
 
@@ -216,20 +218,25 @@ class GPTAdapter:
         DeepSeek-V3 / GLM-4.5 checkpoints store a copy per MTP layer. Import leaves the
         copies unread (tolerated); export writes each as its source's bytes.
         """
-        layers, mtp = config.num_layers, getattr(config, "mtp_num_layers", None) or 0
-        tied = bool(config.share_embeddings_and_output_weights)
+        return self._copies(config.num_layers, getattr(config, "mtp_num_layers", None) or 0,
+                            bool(config.share_embeddings_and_output_weights))
+
+    def _copies(self, layers: int, mtp: int, tied: bool) -> list[tuple[str, str]]:
         return [(copy.format(n=layers + m), "model.embed_tokens.weight" if tied and source == "lm_head.weight" else source)
                 for m in range(mtp) for copy, source in self.mtp_copies]
 
-    def torch_free_table(self, hf_config: dict[str, Any], *,
-                         source: str | None = None) -> "tuple[list[TensorMapping], Callable[[str], bool]]":
-        """The table and the tolerated-unused test straight from ``config.json``, without torch.
-
-        The launcher checks a checkpoint with these before any rank imports torch.
+    def torch_free_table(self, hf_config: dict[str, Any], *, source: str | None = None,
+                         names: Iterable[str] = ()) -> "tuple[list[TensorMapping], Callable[[str], bool]]":
+        """The table and the tolerated-unused test straight from ``config.json`` and the checkpoint's tensor
+        ``names``, without torch: MTP layers sized from the names as :meth:`stored_mtp_layers` sizes them
+        for the full plan. The launcher checks a checkpoint with these before any rank imports torch.
         """
         fields = self.to_fields(hf_config, source=source)
+        if fields.get("mtp_num_layers") is None:
+            fields["mtp_num_layers"] = self._stored_mtp(names, fields["num_layers"]) or None
         tied = bool(fields["share_embeddings_and_output_weights"])
-        return self.mappings(fields), lambda name: tolerated_unused(name, tied)
+        copies = dict(self._copies(fields["num_layers"], fields["mtp_num_layers"] or 0, tied))
+        return self.mappings(fields), lambda name: tolerated_unused(name, tied) or name in copies
 
 
 def tolerated_unused(name: str, tied: bool) -> bool:

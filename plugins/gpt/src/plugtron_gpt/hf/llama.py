@@ -96,16 +96,11 @@ def activation(k: ConfigReader, key: str = "hidden_act") -> str:
     return ACTIVATIONS[name]
 
 
-def reject_sliding_window(k: ConfigReader, num_layers: int, *, typed_layers_only: bool = False) -> None:
-    """Refuse an active sliding window (``typed_layers_only``: only layers typed sliding use it, as in Qwen)."""
-    window = k.get("sliding_window")  # transformers already nulls it when use_sliding_window is false
-    k.mark("use_sliding_window", "max_window_layers", "layer_types")
-    layer_types = k.values.get("layer_types")
-    if layer_types is not None:
-        if len(layer_types) != num_layers or set(layer_types) - {"full_attention", "sliding_attention"}:
-            raise k.fail("layer_types", f"{layer_types} must list full_attention/sliding_attention for {num_layers} layers")
-        if typed_layers_only and "sliding_attention" not in layer_types:
-            window = None
+def reject_sliding_window(k: ConfigReader, num_layers: int) -> None:
+    """Refuse an active sliding window in a config whose architecture has none (Llama); ``null`` passes."""
+    k.mark("use_sliding_window", "max_window_layers")
+    layer_types_of(k, num_layers)
+    window = k.get("sliding_window")
     if window is not None:
         raise k.fail("sliding_window", f"sliding-window attention (window {window}) is active and not supported")
 
