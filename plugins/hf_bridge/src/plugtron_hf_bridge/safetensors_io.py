@@ -124,10 +124,18 @@ class ShardedSafetensorsWriter:
 
     Shards are written under temporary names while streaming (their final
     ``-of-N`` is unknown until the end) and renamed by :meth:`close`.  Only
-    the current shard's tensors are held, by reference: a tensor may be a view
-    of a model parameter or :class:`~.safetensors_write.Rows` of such views,
-    and its bytes are copied nowhere but into the file
-    (:func:`~.safetensors_write.write_file`).
+    the current shard's tensors and the shard being written are held, by
+    reference: a tensor may be a view of a model parameter or
+    :class:`~.safetensors_write.Rows` of such views, and its bytes are copied
+    nowhere but into the file (:func:`~.safetensors_write.write_file`).
+
+    A full shard is written by one background thread while the caller goes on
+    producing the next (a file write releases the GIL): an export whose
+    tensors arrive from other ranks receives them while the previous shard
+    goes to disk (1B MoE at EP=2: rank 0 spent 4 s writing and 1 s waiting on
+    receives, one after the other). At most one shard is in flight, so the
+    tensors held stay under two shards' worth; an error in the writer is
+    raised when the next shard starts, or by :meth:`close`.
     """
 
     def __init__(
@@ -148,6 +156,8 @@ class ShardedSafetensorsWriter:
         self._seen: set[str] = set()
         self._total_bytes = 0
         self._closed = False
+        self._writing: Any = None  # the Future of the shard being written
+        self._thread: Any = None
 
     def add(self, name: str, tensor: "torch.Tensor | Rows") -> None:
         """Queue ``tensor`` under ``name``; flushes the current shard first if it would overflow.
@@ -172,17 +182,37 @@ class ShardedSafetensorsWriter:
         self._total_bytes += size
 
     def _flush(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._wait()
         path = self.directory / f".tmp-shard-{len(self._shards) + 1:05d}.safetensors"
         self._shards.append((path, list(self._pending)))  # listed first: abort() removes a half-written one too
-        write_file(path, self._pending, self.metadata)
+        if self._thread is None:
+            self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="safetensors-writer")
+        self._writing = self._thread.submit(write_file, path, self._pending, self.metadata)
         self._pending, self._pending_bytes = {}, 0
+
+    def _wait(self) -> None:
+        """Let the shard in flight finish; its error, if any, is raised here."""
+        writing, self._writing = self._writing, None
+        if writing is not None:
+            writing.result()
+
+    def _stop(self) -> None:
+        if self._thread is not None:
+            self._thread.shutdown(wait=True)
+            self._thread = None
 
     def close(self) -> None:
         """Write the last shard, give shards their final names and write the index if sharded."""
         if self._closed:
             return
-        if self._pending:
-            self._flush()
+        try:
+            if self._pending:
+                self._flush()
+            self._wait()
+        finally:
+            self._stop()
         self._closed = True
         if not self._shards:
             raise CheckpointFormatError(self.directory, "no tensors were added; refusing to write an empty checkpoint")
@@ -202,6 +232,12 @@ class ShardedSafetensorsWriter:
         """Drop queued tensors and delete shards written so far."""
         self._closed = True
         self._pending = {}
+        try:
+            self._wait()  # never delete a file another thread is still writing
+        except Exception:  # already failing: the original error is the one to report
+            pass
+        finally:
+            self._stop()
         for tmp, _ in self._shards:
             tmp.unlink(missing_ok=True)
 
