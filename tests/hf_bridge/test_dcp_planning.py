@@ -156,3 +156,26 @@ def test_each_path_reads_the_others_files_exactly(moe_checkpoints, pm, plugtron_
     model.load_state_dict(loaded, strict=True)
     state = model.state_dict()
     assert all(torch.equal(state[k], expected[k]) for k in expected)
+
+
+def test_records_written_from_templates_are_torchs_bytes(tmp_path, plugtron_single_rank) -> None:
+    """The writer's template records (dcp_writer.RecordTemplates) against torch's own writer, same state dict."""
+    from torch.distributed.checkpoint import FileSystemWriter, save
+
+    from plugtron_hf_bridge.dcp_strategies import _without_crc32
+    from plugtron_hf_bridge.dcp_writer import ViewSafeFileSystemWriter
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(6, 8, generator=g)
+    state = {"bf16": torch.randn(5, 7, generator=g).bfloat16(), "scalar": torch.tensor(1.5),
+             "empty": torch.zeros(0, 3), "ints": torch.arange(12).view(3, 4), "mask": torch.rand(9, generator=g) > 0.5,
+             "rows": base[2:4], "columns": base[:, 1:3], "again": torch.randn(5, 7, generator=g).bfloat16()}
+    written, ours = {}, ViewSafeFileSystemWriter(tmp_path / "ours", sync_files=False)
+    for name, writer in (("torch", FileSystemWriter(tmp_path / "torch", single_file_per_rank=True, thread_count=1)),
+                         ("ours", ours)):
+        with _without_crc32():
+            save(state, storage_writer=writer)
+        [shard] = (tmp_path / name).glob("*.distcp")
+        written[name] = shard.read_bytes()
+    assert written["ours"] == written["torch"]
+    assert len(ours.templates) == 7  # every record came from a template (the two bf16 (5, 7) tensors share one)

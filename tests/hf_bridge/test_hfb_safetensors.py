@@ -217,6 +217,47 @@ def test_writer_refuses_dirty_directory_and_cleans_up_on_error(tmp_path: Path) -
         ShardedSafetensorsWriter(tmp_path / "c").close()
 
 
+@pytest.mark.parametrize("tensors_after", [0, 3])
+def test_a_failed_background_shard_write_is_raised_and_leaves_nothing(tmp_path: Path, tensors_after: int) -> None:
+    """The shard written in the background fails (complex64: no safetensors dtype): close() or the next shard
+    raises it, and every shard file is gone."""
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="cannot store dtype complex64"):
+        with ShardedSafetensorsWriter(out, max_shard_bytes=16) as writer:
+            writer.add("ok", torch.zeros(4))
+            writer.add("bad", torch.zeros(2, dtype=torch.complex64))
+            for i in range(tensors_after):
+                writer.add(f"t{i}", torch.zeros(4))
+    assert list(out.iterdir()) == []
+
+
+def test_the_caller_fills_the_next_shard_while_one_is_written(tmp_path: Path, monkeypatch) -> None:
+    """add() returns while the full shard is still being written; close() waits for it."""
+    import threading
+
+    from plugtron_hf_bridge import safetensors_io
+
+    release, started = threading.Event(), threading.Event()
+    real = safetensors_io.write_file
+
+    def slow_first(path, tensors, metadata):
+        if not started.is_set():
+            started.set()
+            assert release.wait(10)
+        real(path, tensors, metadata)
+
+    monkeypatch.setattr(safetensors_io, "write_file", slow_first)
+    tensors = {f"t{i}": torch.full((4,), float(i)) for i in range(3)}
+    with ShardedSafetensorsWriter(tmp_path / "out", max_shard_bytes=16) as writer:
+        writer.add("t0", tensors["t0"])
+        writer.add("t1", tensors["t1"])  # shard 1 (t0) goes to the writer thread, which blocks
+        assert started.wait(10)  # reached only because add() returned (written in line, it would wait on release)
+        release.set()
+        writer.add("t2", tensors["t2"])
+    with SafetensorsCheckpoint(tmp_path / "out") as ckpt:
+        assert_same(ckpt, tensors)
+
+
 def test_atomic_output_dir_success_and_failure(tmp_path: Path) -> None:
     dst = tmp_path / "out"
     with pytest.raises(ValueError, match="boom"):

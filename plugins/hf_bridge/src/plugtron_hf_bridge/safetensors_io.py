@@ -245,7 +245,11 @@ class ShardedSafetensorsWriter:
         return self
 
     def __exit__(self, exc_type: object, *rest: object) -> None:
-        if exc_type is None:
-            self.close()
-        else:
+        if exc_type is not None:
             self.abort()
+            return
+        try:
+            self.close()
+        except BaseException:  # a shard that failed to write: no other shard may stay behind either
+            self.abort()
+            raise
