@@ -153,3 +153,24 @@ def test_human_output_renders_one_block_per_plugin(capsys, monkeypatch):
     assert out.startswith("plugtron plugins: 2 of ")
     assert "example  plugtron-example-plugin 0.1.0  loaded\n  families: toy\n  layer specs for toy: local\n" in out
     assert "gpt  plugtron-gpt 0.1.0  not selected by PLUGTRON_PLUGINS" in out
+
+
+def test_a_command_process_leaves_after_exit_handlers_with_its_output_whole(tmp_path):
+    """plugtron.cli.run ends with os._exit (no interpreter teardown): atexit handlers still run, stdout and
+    stderr are flushed, and the exit status is the command's, for the console script and ``-m plugtron.cli``."""
+    marker = tmp_path / "handler-ran"
+    (tmp_path / "leaving_plugin.py").write_text(
+        "import atexit, sys\n"
+        f"atexit.register(lambda: open({str(marker)!r}, 'w').write('yes'))\n"
+        "sys.stderr.write('no newline, still buffered')\n")
+    for command in ([sys.executable, "-m", "plugtron.cli"], [str(PLUGTRON_SCRIPT)]):
+        marker.unlink(missing_ok=True)
+        proc = subprocess.run([*command, "-p", "leaving_plugin", "plugins", "--json"], capture_output=True, text=True,
+                              env=_env(PYTHONPATH=str(tmp_path)), timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert "leaving_plugin" in {row["name"] for row in json.loads(proc.stdout)["plugins"]}
+        assert proc.stderr.endswith("no newline, still buffered")
+        assert marker.read_text() == "yes"
+    failed = subprocess.run([str(PLUGTRON_SCRIPT), "-p", "no_such_module_here", "plugins"], capture_output=True,
+                            text=True, env=_env(), timeout=120)
+    assert failed.returncode == 2 and "no_such_module_here" in failed.stderr

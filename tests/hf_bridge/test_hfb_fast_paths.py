@@ -306,13 +306,9 @@ def test_compile_is_deferred_to_the_first_call() -> None:
 
 
 def test_only_command_processes_are_frozen(monkeypatch) -> None:
-    import types
-
     import plugtron.cli
     from plugtron_hf_bridge.libraries import _is_command_process
 
-    assert not _is_command_process()  # this test session
-    script = types.ModuleType("__main__")  # the console script, and a rank's ``-m plugtron.cli``
-    script.main = plugtron.cli.main
-    monkeypatch.setitem(sys.modules, "__main__", script)
+    assert not _is_command_process()  # this test session calls plugtron.cli.main
+    monkeypatch.setattr(plugtron.cli, "_command_process", True)  # what plugtron.cli.run sets
     assert _is_command_process()

@@ -1,5 +1,3 @@
-import sys
+from plugtron.cli import run
 
-from plugtron.cli import main
-
-sys.exit(main())
+run()

@@ -65,12 +65,9 @@ def settle() -> None:
 
 
 def _is_command_process() -> bool:
-    main = sys.modules.get("__main__")
-    spec = getattr(main, "__spec__", None)
-    if spec is not None and spec.name in ("plugtron.cli", "plugtron.cli.__main__"):  # a rank: python -P -m plugtron.cli
-        return True
-    cli = sys.modules.get("plugtron.cli")
-    return cli is not None and getattr(main, "main", None) is getattr(cli, "main", False)  # the console script
+    from plugtron.cli import is_command_process
+
+    return is_command_process()
 
 
 def compile_on_first_call(compile_: Callable[..., Any]) -> Callable[..., Any]:
