@@ -58,11 +58,13 @@ def test_build_names_and_meta_init(tiny_config, build) -> None:
     built = build(tiny_config(**MOE).finalize(), meta=True)
     names = {n for n, _ in built.chunks[0].named_parameters() if n.startswith("decoder.layers.2.")}
     assert names == {"decoder.layers.2.pre_mlp_layernorm.weight", "decoder.layers.2.mlp.router.weight",
-                     "decoder.layers.2.mlp.router.expert_bias",
                      "decoder.layers.2.mlp.shared_experts.linear_fc1.weight",
                      "decoder.layers.2.mlp.shared_experts.linear_fc2.weight",
                      *(f"decoder.layers.2.mlp.experts.local_experts.{e}.linear_fc{k}.weight" for e in range(4) for k in (1, 2))}
     layer = _moe_layer(built)
+    # megatron's float32 buffer, saved with the model, zero after a meta build as after an eager one
+    assert "mlp.router.expert_bias" in layer.state_dict()
+    assert layer.mlp.router.expert_bias.dtype == torch.float32
     assert torch.equal(layer.mlp.router.expert_bias, torch.zeros(4))
     assert torch.equal(layer.pre_mlp_layernorm.weight, torch.ones(64))
     assert layer.mlp.experts.local_experts[0].linear_fc1.weight.shape == (48, 64)  # not gated: up only

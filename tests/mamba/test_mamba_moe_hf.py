@@ -124,8 +124,8 @@ def test_bfloat16_checkpoint_with_float32_router_bias_round_trips_bit_exact(tmp_
 
 
 def test_the_model_holds_megatrons_moe_layers_with_the_checkpoint_bias(converted) -> None:
-    """``E`` layers are megatron's MoETransformerLayer/MoELayer; the router's expert bias (a buffer in
-    megatron) is a no-grad float32 parameter here, loaded from ``e_score_correction_bias``; zeroing it
+    """``E`` layers are megatron's MoETransformerLayer/MoELayer; the router's expert bias is megatron's float32
+    buffer (saved with the model, no parameter), loaded from ``e_score_correction_bias``; zeroing it
     changes the experts chosen, so the parity above depends on it."""
     from megatron.core.transformer.moe.moe_layer import MoELayer
     from megatron.core.transformer.transformer_layer import MoETransformerLayer
@@ -138,8 +138,10 @@ def test_the_model_holds_megatrons_moe_layers_with_the_checkpoint_bias(converted
     assert [layer.layer_number - 1 for layer in layers] == [0, 3, 6] and all(isinstance(l.mlp, MoELayer) for l in layers)
     hf = _tensors(converted["base"]["src"])
     for layer in layers:
-        bias = layer.mlp.router.expert_bias
-        assert isinstance(bias, torch.nn.Parameter) and not bias.requires_grad and bias.dtype == torch.float32
+        router = layer.mlp.router
+        bias = router.expert_bias
+        assert not isinstance(bias, torch.nn.Parameter) and bias.dtype == torch.float32
+        assert "expert_bias" in router.state_dict() and "expert_bias" not in dict(router.named_parameters())
         assert torch.equal(bias, hf[f"backbone.layers.{layer.layer_number - 1}.mixer.gate.e_score_correction_bias"])
     tokens = sample_tokens(100, 2, 13)
     before = megatron_logits(imported.built, tokens)

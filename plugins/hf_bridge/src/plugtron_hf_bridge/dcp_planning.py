@@ -14,9 +14,10 @@ these chunks spans fully, so each compares every chunk with every other:
 - torch's validation of the global save plan (``_validate_global_plan``).
 
 Counted on that 1B checkpoint: 1.2 million shard-pair checks per save and per
-load, and 3 million more per load; 1.5-2 s of a 4 s load (see
-``benchmarks/README.md``, row 7d). They grow with the square of the chunks: on
-this machine's CPU, minutes per save and per load at DeepSeek-V3's size.
+load in the first, 1.5 million more per save and 3 million more per load in the
+others; 1.5-2 s of a 4 s load (see ``benchmarks/README.md``, row 7d). They grow
+with the square of the chunks: on this machine's CPU, minutes per save and per
+load at DeepSeek-V3's size (extrapolated).
 
 This module computes the same results with the chunks grouped by their offsets
 on the leading dimensions where every chunk has size 1 (the layer and expert

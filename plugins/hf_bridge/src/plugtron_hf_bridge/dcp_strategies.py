@@ -28,8 +28,8 @@ fresh copy of each view, and without zip CRCs in the tensor records, see
 :func:`_without_crc32`): same ``torch_dist`` files, no helper process.
 
 Both directions plan with :mod:`.dcp_planning`: torch's planning and
-validation compare a layer stack's chunks pairwise (0.6 million pairs per
-expert weight of a 12-layer, 64-expert model), the same checks by bucket do not.
+validation compare a layer stack's chunks pairwise (millions of pairs for a
+12-layer, 64-expert model), the same checks by bucket do not.
 """
 
 from __future__ import annotations
@@ -148,6 +148,8 @@ class SafeLoadPlanner(MCoreLoadPlanner):
 
         from .dcp_planning import local_load_plan
 
+        # megatron's shape checks, then torch's default local plan by bucket (its fallback for checkpoints
+        # written before torch 2.4, which nested keys differently, does not apply: megatron's keys are flat)
         self._validate_global_shapes(self.metadata, self.shapes_validation_sharded_tensors)
         with self._temporarily_bypass_shape_validation():
             return LoadPlan(local_load_plan(self.state_dict, self.metadata, strict=not self.allow_partial_load))

@@ -64,14 +64,11 @@ class MambaModelBuilder(LanguageModelBuilder):
         the linear-layer normal init; the mixer draws ``conv1d`` like a fresh
         ``nn.Conv1d`` (or uniform in +-conv_init), ``dt_bias`` as the inverse
         softplus of log-uniform steps, ``A_log`` as log U(A_init_range), and ``D`` = 1.
-        Works for megatron's ``MambaMixer`` too (same attribute names). MoE routers'
-        expert biases stay zero (:func:`plugtron_mamba.moe.zero_expert_biases`).
+        Works for megatron's ``MambaMixer`` too (same attribute names). (MoE routers'
+        expert biases are buffers, created as zeros by megatron: no init touches them.)
         """
         super().initialize_parameters(module)
-        from plugtron_mamba.moe import zero_expert_biases
         from plugtron_mamba.torch_impl.params import init_A_log, init_dt_bias, rng_fork
-
-        zero_expert_biases(module)
 
         init = mixer_params(self.config)
         for mixer in module.modules():
