@@ -112,10 +112,21 @@ class RecordTemplates:
 
 
 def _template(dtype: torch.dtype, shape: tuple[int, ...]) -> tuple[bytes, bytes] | None:
-    """``torch.save`` of a zeroed tensor of this kind, cut around its data (None if the data is not found once)."""
+    """``torch.save``'s bytes before and after the data of a tensor of this kind (None if they cannot be told apart).
+
+    A tensor of at least :data:`_SINK_FROM` bytes is saved into :class:`_Sink`, which keeps every
+    write but the data itself (one write of exactly the tensor's size; the archive's other writes
+    are a few hundred bytes at most): no copy of the data, and the probe's memory is never touched.
+    A smaller one is saved into memory and cut where :func:`.dcp_direct.layout` finds its data.
+    """
     from . import dcp_direct
 
-    probe = torch.zeros(shape, dtype=dtype)
+    probe = torch.empty(shape, dtype=dtype)
+    if probe.nbytes >= _SINK_FROM:
+        sink = _Sink(probe.nbytes)
+        torch.save(probe, sink)
+        return sink.around()
+    probe.zero_()
     buffer = io.BytesIO()
     torch.save(probe, buffer)
     record = buffer.getvalue()
@@ -124,6 +135,38 @@ def _template(dtype: torch.dtype, shape: tuple[int, ...]) -> tuple[bytes, bytes]
         return None
     start, end = found.start, found.start + probe.nbytes
     return record[:start], record[end:]
+
+
+#: Tensors this large are cut by their one data write (:class:`_Sink`).
+_SINK_FROM = 4096
+
+
+class _Sink(io.RawIOBase):
+    """A write-only file that keeps every write except the one of exactly ``data_bytes`` bytes."""
+
+    def __init__(self, data_bytes: int) -> None:
+        super().__init__()
+        self.data_bytes, self.parts, self.cut, self.at = data_bytes, [], [], 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        size = memoryview(data).nbytes
+        if size == self.data_bytes:
+            self.cut.append(len(self.parts))
+        else:
+            self.parts.append(bytes(data))
+        self.at += size
+        return size
+
+    def tell(self) -> int:
+        return self.at
+
+    def around(self) -> tuple[bytes, bytes] | None:
+        if len(self.cut) != 1:
+            return None
+        return b"".join(self.parts[:self.cut[0]]), b"".join(self.parts[self.cut[0]:])
 
 
 def _byte_view(tensor: torch.Tensor) -> torch.Tensor:
