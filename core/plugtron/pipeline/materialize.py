@@ -42,6 +42,9 @@ def materialize(chunk: "torch.nn.Module", device: str, builder: "ModelBuilder", 
             param.__dict__.setdefault(key, value)
     with torch.no_grad():
         if load_weights is not None:
+            from plugtron.runtime.prefault import populate
+
+            populate(p for p in chunk.parameters())  # every byte is about to be written: one call, not a fault per page
             load_weights(chunk)
         else:
             builder.initialize_parameters(chunk)
