@@ -228,7 +228,9 @@ def read_into(handle: BinaryIO, found: Layout, offsets: tuple[int, ...], lengths
         return False
     span = byte_range(found, offsets, lengths)
     if span is not None:
-        _read_exactly(handle, span[0], _byte_view(target))
+        from .safetensors_write import byte_view
+
+        _read_exactly(handle, span[0], byte_view(target))
         return True
     if staging is None or len(found.shape) < 2:
         return False
@@ -254,12 +256,6 @@ def _read_columns(handle: BinaryIO, found: Layout, rows: tuple[int, int], column
         _read_exactly(handle, found.start + (first + done) * row_bytes, block)
         stored = block.view(getattr(torch, found.dtype)).view(n, width)
         out[done:done + n].copy_(stored[:, columns[0]:columns[0] + columns[1]])
-
-
-def _byte_view(target: Any) -> Any:
-    import torch
-
-    return target.reshape(-1).view(torch.uint8)
 
 
 def _read_exactly(handle: BinaryIO, start: int, out: Any) -> None:

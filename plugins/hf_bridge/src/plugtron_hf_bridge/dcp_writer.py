@@ -36,6 +36,8 @@ from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.filesystem import SerializationFormat, _split_by_size_and_type, _StorageInfo, _write_item
 from torch.distributed.checkpoint.planner import WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
+
+from .safetensors_write import byte_view
 from torch.futures import Future
 
 
@@ -78,7 +80,7 @@ class ViewSafeFileSystemWriter(FileSystemWriter):
         offset = stream.tell()
         stream.write(around[0])
         if data.numel():
-            stream.write(_byte_view(data).numpy())
+            stream.write(byte_view(data).numpy())
         stream.write(around[1])
         length = stream.tell() - offset
         return WriteResult(index=item.index, size_in_bytes=length, storage_data=_StorageInfo(name, offset, length))
@@ -169,8 +171,6 @@ class _Sink(io.RawIOBase):
         return b"".join(self.parts[:self.cut[0]]), b"".join(self.parts[self.cut[0]:])
 
 
-def _byte_view(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.reshape(-1).view(torch.uint8)
 
 
 def _minimal(tensor: torch.Tensor, staging: dict[int, torch.Tensor]) -> torch.Tensor:

@@ -105,7 +105,7 @@ def _write_tensor(handle: BinaryIO, tensor: torch.Tensor, staging: _Staging) -> 
     if tensor.numel() == 0:
         return
     if tensor.is_contiguous():
-        handle.write(_bytes(tensor).numpy())
+        handle.write(byte_view(tensor).numpy())
         return
     row_bytes = math.prod(tensor.shape[1:]) * tensor.element_size()  # a 0-d tensor is always contiguous
     for block in tensor.split(max(1, STAGING_BYTES // max(row_bytes, 1))):
@@ -115,6 +115,6 @@ def _write_tensor(handle: BinaryIO, tensor: torch.Tensor, staging: _Staging) -> 
         handle.write(out.numpy())
 
 
-def _bytes(tensor: torch.Tensor) -> torch.Tensor:
+def byte_view(tensor: torch.Tensor) -> torch.Tensor:
     """The bytes of a contiguous tensor as a flat uint8 view (no copy)."""
     return tensor.reshape(-1).view(torch.uint8)
