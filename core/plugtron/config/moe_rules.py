@@ -57,6 +57,18 @@ ROUTER_DTYPES = (None, "fp32", "fp64")
 DROP_POLICIES = ("probs", "position")
 
 
+def refuse_moe_fields_without_experts(cfg: Any, applies_to: str) -> None:
+    """No ``num_moe_experts``: a MoE field set away from megatron's default is refused by name (megatron would ignore
+    it). ``applies_to``: what the family's MoE fields apply to, as the message says it."""
+    for name, default in MOE_DEFAULTS.items():
+        if name in cfg._tc_kwargs and cfg._get(name) != default:
+            cfg._fail(name, f"only applies to {applies_to}, and num_moe_experts is not set (megatron would ignore it)")
+
+
+def check_expert_count(cfg: Any, experts: Any) -> None:
+    """``num_moe_experts``, when set, is a positive integer (not a bool)."""
+    if not isinstance(experts, int) or isinstance(experts, bool) or experts < 1:
+        cfg._fail("num_moe_experts", f"must be a positive integer, got {experts!r}")
 
 
 def tp_of(cfg: Any) -> int:

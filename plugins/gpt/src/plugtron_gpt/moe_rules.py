@@ -28,7 +28,8 @@ import warnings
 from typing import TYPE_CHECKING, Any
 
 from plugtron import availability
-from plugtron.config.moe_rules import MOE_DEFAULTS, check_dispatch, check_expert_layout, check_routing, tp_of
+from plugtron.config.moe_rules import (
+    check_dispatch, check_expert_count, check_expert_layout, check_routing, refuse_moe_fields_without_experts, tp_of)
 
 if TYPE_CHECKING:
     from plugtron_gpt.config import GPTModelConfig
@@ -79,12 +80,9 @@ def check_moe(cfg: "GPTModelConfig") -> None:
     get = cfg._get
     experts = get("num_moe_experts")
     if experts is None:
-        for name, default in MOE_DEFAULTS.items():
-            if name in cfg._tc_kwargs and get(name) != default:
-                cfg._fail(name, "only applies to Mixture-of-Experts models, and num_moe_experts is not set (megatron would ignore it)")
+        refuse_moe_fields_without_experts(cfg, "Mixture-of-Experts models")
         return
-    if not isinstance(experts, int) or isinstance(experts, bool) or experts < 1:
-        cfg._fail("num_moe_experts", f"must be a positive integer, got {experts!r}")
+    check_expert_count(cfg, experts)
     check_routing(cfg, experts)
     check_expert_layout(cfg, experts)
     check_dispatch(cfg)

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from plugtron.config.moe_rules import MOE_DEFAULTS, check_dispatch, check_expert_layout, check_routing, tp_of
+from plugtron.config.moe_rules import (
+    MOE_DEFAULTS, check_dispatch, check_expert_count, check_expert_layout, check_routing, refuse_moe_fields_without_experts,
+    tp_of)
 
 #: Fields the ``torch`` spec cannot honour on an ``E`` layer, with why.
 NOT_BUILT: dict[str, str] = {
@@ -44,12 +46,9 @@ def check_moe(cfg: Any) -> None:
     if not experts:
         if has_e:
             cfg._fail("num_moe_experts", f"the layer pattern {cfg.layer_pattern()!r} has MoE ('E') layers; set the expert count")
-        for name, default in MOE_DEFAULTS.items():
-            if name in cfg._tc_kwargs and get(name) != default:
-                cfg._fail(name, "only applies to MoE ('E') layers, and num_moe_experts is not set (megatron would ignore it)")
+        refuse_moe_fields_without_experts(cfg, "MoE ('E') layers")
         return
-    if not isinstance(experts, int) or isinstance(experts, bool) or experts < 1:
-        cfg._fail("num_moe_experts", f"must be a positive integer, got {experts!r}")
+    check_expert_count(cfg, experts)
     if not has_e:
         cfg._fail("num_moe_experts", f"is {experts} but the layer pattern {cfg.layer_pattern()!r} has no MoE ('E') layer (megatron would ignore it)")
     if get("moe_layer_freq", 1) != 1:
