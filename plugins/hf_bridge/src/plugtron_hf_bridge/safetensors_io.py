@@ -135,7 +135,9 @@ class ShardedSafetensorsWriter:
     goes to disk (1B MoE at EP=2: rank 0 spent 4 s writing and 1 s waiting on
     receives, one after the other). At most one shard is in flight, so the
     tensors held stay under two shards' worth; an error in the writer is
-    raised when the next shard starts, or by :meth:`close`.
+    raised when the next shard starts, or by :meth:`close`. The last shard is
+    written by :meth:`close` itself (nothing is left to overlap it), so a
+    one-shard checkpoint starts no thread.
     """
 
     def __init__(
@@ -181,16 +183,20 @@ class ShardedSafetensorsWriter:
         self._pending_bytes += size
         self._total_bytes += size
 
-    def _flush(self) -> None:
+    def _flush(self, *, in_background: bool = True) -> None:
+        """Write the pending shard: in the writer thread, or here (the last one, which nothing would overlap)."""
         from concurrent.futures import ThreadPoolExecutor
 
         self._wait()
         path = self.directory / f".tmp-shard-{len(self._shards) + 1:05d}.safetensors"
         self._shards.append((path, list(self._pending)))  # listed first: abort() removes a half-written one too
+        pending, self._pending, self._pending_bytes = self._pending, {}, 0
+        if not in_background:
+            write_file(path, pending, self.metadata)
+            return
         if self._thread is None:
             self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="safetensors-writer")
-        self._writing = self._thread.submit(write_file, path, self._pending, self.metadata)
-        self._pending, self._pending_bytes = {}, 0
+        self._writing = self._thread.submit(write_file, path, pending, self.metadata)
 
     def _wait(self) -> None:
         """Let the shard in flight finish; its error, if any, is raised here."""
@@ -209,7 +215,7 @@ class ShardedSafetensorsWriter:
             return
         try:
             if self._pending:
-                self._flush()
+                self._flush(in_background=False)
             self._wait()
         finally:
             self._stop()
