@@ -44,7 +44,7 @@ def materialize(chunk: "torch.nn.Module", device: str, builder: "ModelBuilder", 
         if load_weights is not None:
             from plugtron.runtime.prefault import populate
 
-            populate(p for p in chunk.parameters())  # every byte is about to be written: one call, not a fault per page
+            populate(chunk.parameters())  # every byte is about to be written: one call, not a fault per page
             load_weights(chunk)
         else:
             builder.initialize_parameters(chunk)
