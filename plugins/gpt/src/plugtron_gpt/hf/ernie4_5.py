@@ -20,7 +20,7 @@ from plugtron.conversion import ConfigReader, ConfigSchema
 
 from .adapter import GPTAdapter
 from .architecture import Fields
-from .llama import DEFAULTS, LLAMA, head_dim_of, read_decoder, write_decoder
+from .llama import DEFAULTS, LLAMA, head_dim_of, read_decoder, single_bias_switch, write_decoder
 from .rope import need_value
 
 DEFAULT_THETA = 500000.0  # Ernie4_5Config.default_theta
@@ -49,9 +49,7 @@ def _read(k: ConfigReader) -> Fields:
 def _write(f: Fields) -> dict[str, Any]:
     arch = ERNIE4_5.name
     need_value(f, "rotary_interleaved", (True,), arch, False)
-    bias = need_value(f, "add_bias_linear", (True, False), arch, True)
-    if not bias:
-        need_value(f, "add_qkv_bias", (False,), arch, False)
+    bias = single_bias_switch(f, arch)
     return {**write_decoder(f, arch, qk_layernorm=False), "head_dim": head_dim_of(f), "use_bias": bias}
 
 

@@ -216,6 +216,15 @@ def write_decoder(f: Fields, arch: str, *, qk_layernorm: bool, partial_rotary: b
         rope_parameters=rope_parameters_to_hf(f, arch, partial_rotary=partial_rotary))
 
 
+def single_bias_switch(f: Fields, arch: str) -> bool:
+    """Architectures with one switch for every linear bias (ERNIE 4.5's ``use_bias``, Nemotron's attention and MLP
+    biases): ``add_bias_linear``, and no q/k/v bias without it; the switch's value."""
+    bias = need_value(f, "add_bias_linear", (True, False), arch, True)
+    if not bias:
+        need_value(f, "add_qkv_bias", (False,), arch, False)
+    return bias
+
+
 def head_dim_of(f: Fields) -> int:
     return f.get("kv_channels") or f["hidden_size"] // f["num_attention_heads"]
 

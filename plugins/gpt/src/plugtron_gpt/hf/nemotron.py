@@ -18,7 +18,7 @@ from plugtron.conversion import BOOL, ConfigReader, ConfigSchema, direct, layer
 
 from .adapter import GPTAdapter
 from .architecture import Fields, HFArchitecture
-from .llama import LAYERNORM_BIASES, TABLE, head_dim_of, read_decoder, write_decoder
+from .llama import LAYERNORM_BIASES, TABLE, head_dim_of, read_decoder, single_bias_switch, write_decoder
 from .rope import need_value, refuse_partial_yarn
 
 LAYOUT = {"normalization": "LayerNorm", "eps_key": "norm_eps", "gated": False}
@@ -56,9 +56,7 @@ def _read(k: ConfigReader) -> Fields:
 def _write(f: Fields) -> dict[str, Any]:
     arch = NEMOTRON.name
     need_value(f, "layernorm_zero_centered_gamma", (True,), arch, False)
-    bias = need_value(f, "add_bias_linear", (True, False), arch, True)
-    if not bias:
-        need_value(f, "add_qkv_bias", (False,), arch, False)
+    bias = single_bias_switch(f, arch)
     return {**write_decoder(f, arch, qk_layernorm=False, partial_rotary=True, **LAYOUT), "head_dim": head_dim_of(f),
             "attention_bias": bias, "mlp_bias": bias}
 
