@@ -153,3 +153,17 @@ def test_rank_logs_go_to_files_when_asked(ranks, monkeypatch):
     logs.mkdir()
     assert launch(2, "talker", [], logs=logs) == 0
     assert [(logs / f"rank{r}.log").read_text() for r in range(2)] == ["hello from 0 of 2\n", "hello from 1 of 2\n"]
+
+
+def test_the_launcher_wakes_when_a_rank_exits_not_at_the_end_of_its_pause():
+    from plugtron.runtime.launcher import _Ranks
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.2)"])
+    ranks = _Ranks([proc])
+    try:
+        started = time.monotonic()
+        ranks.nap(60)
+        assert time.monotonic() - started < 30  # woken by the exit (0.2 s), not by the 60 s pause
+        assert proc.wait(timeout=5) == 0
+    finally:
+        ranks.close()

@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import select
 import shutil
 import signal
 import socket
@@ -258,6 +259,24 @@ class _Ranks:
     def __init__(self, procs: list[subprocess.Popen]) -> None:
         self.procs = procs
         self.stop_deadline: float | None = None
+        self._exit_fds = _exit_fds(procs)
+
+    def nap(self, seconds: float) -> None:
+        """Wait ``seconds`` at most, waking the moment a rank still running exits.
+
+        Why: a fixed sleep between polls added half its length, on average, to
+        every command's end (the launcher noticed its last rank up to 50 ms late).
+        """
+        running = [fd for fd, proc in zip(self._exit_fds, self.procs) if proc.returncode is None]
+        if running:
+            select.select(running, [], [], seconds)
+        else:
+            time.sleep(seconds)
+
+    def close(self) -> None:
+        for fd in self._exit_fds:
+            os.close(fd)
+        self._exit_fds = []
 
     def send(self, signum: int) -> None:
         for proc in self.procs:
@@ -276,6 +295,19 @@ class _Ranks:
         if self.stop_deadline is not None and time.monotonic() > self.stop_deadline:
             self.send(signal.SIGKILL)
         return codes
+
+
+def _exit_fds(procs: list[subprocess.Popen]) -> list[int]:
+    """One descriptor per process that turns readable when it exits (Linux ``pidfd_open``); [] where there is none."""
+    fds: list[int] = []
+    try:
+        for proc in procs:
+            fds.append(os.pidfd_open(proc.pid))
+    except (AttributeError, OSError):  # not Linux, kernel < 5.3, or a rank already reaped
+        for fd in fds:
+            os.close(fd)
+        return []
+    return fds
 
 
 def _start(nproc: int, command: list[str], env: dict[str, str], logs: Path | None) -> list[subprocess.Popen]:
@@ -314,8 +346,9 @@ def _watch(ranks: _Ranks, timeout_s: float | None) -> int:
                 ranks.stop()
             if all(code is not None for code in codes):
                 break
-            time.sleep(_POLL_S)
+            ranks.nap(_POLL_S)
     finally:
+        ranks.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 128 + received[0] if received else result
