@@ -45,6 +45,9 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _measure import ensure_bytecode  # noqa: E402
+
 RATIO = 2.0
 FLOOR_SCRIPT = """
 import sys
@@ -272,6 +275,7 @@ def _fastest(samples: list[dict[str, Any]]) -> float:
 def run(quick: bool, large: bool = False, sides: dict[str, str | None] | None = None) -> list[dict[str, Any]]:
     """Rows for ~250M (and ~1B with ``large``); ``sides`` defaults to the installed plugtron."""
     sides = sides or {"plugtron": None}
+    ensure_bytecode(*[path for path in sides.values() if path])
     shapes = [("llama-250m", 2 if quick else 3)] + ([("llama-1b", 2)] if large else [])
     rows: list[dict[str, Any]] = []
     for shape, repeats in shapes:

@@ -81,6 +81,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from _measure import ensure_bytecode  # noqa: E402
 from _moe_checkpoint import SHAPES, export_plan, make_checkpoint, shares  # noqa: E402, F401 (make_checkpoint: --child)
 from _moe_scripts import BASELINE, FLOOR_EXPORT, FLOOR_IMPORT, HOOK  # noqa: E402
 
@@ -345,6 +346,7 @@ def run(quick: bool, shape: str | None = None, rounds: int | None = None, phases
     """Rows {benchmark, plugtron, reference, ratio, target, ok} (run.py's ``rows_from`` contract)."""
     shape = shape or ("qwen3moe-250m" if quick else "qwen3moe-1b")
     rounds = rounds or (1 if quick else 3)  # 3: one sample in a burst of the VM's writeback must not decide a row
+    ensure_bytecode()
     with tempfile.TemporaryDirectory(prefix="bench-moe-convert-") as tmp:
         result = measure(shape, rounds, Path(tmp), phases)
     rows = rows_for(result)

@@ -28,7 +28,7 @@ import bench_build  # noqa: E402
 import bench_meta  # noqa: E402
 import bench_plugins  # noqa: E402
 import bench_train  # noqa: E402
-from _measure import BenchError  # noqa: E402
+from _measure import BenchError, ensure_bytecode  # noqa: E402
 
 OK, FAIL, INFO = "[green]✓[/green]", "[red]✗[/red]", "[dim]–[/dim]"
 
@@ -235,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     if not console.is_terminal:  # piped or redirected: don't squeeze the table into 80 columns
         console = Console(width=170)
     p = plan(args.quick, args.fresh)
+    ensure_bytecode()
     started = time.perf_counter()
     load_before = os.getloadavg()
     rows: list[list[str]] = []

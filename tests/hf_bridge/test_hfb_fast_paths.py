@@ -216,7 +216,7 @@ def test_export_cuts_hf_tensors_as_views_of_the_model(pristine, pm, plugtron_sin
 
 def test_direct_reads_equal_torchs_reader(meg, pm, plugtron_single_rank, monkeypatch) -> None:
     direct = load_megatron(meg, pm=pm, parallel=plugtron_single_rank)
-    monkeypatch.setattr(dcp_direct, "layout", lambda *args: None)  # every record through torch.load
+    monkeypatch.setattr(dcp_direct.Layouts, "get", lambda *args: None)  # every record through torch.load
     slow = load_megatron(meg, pm=pm, parallel=plugtron_single_rank)
     left, right = (unwrap(m.built.chunks[0]).state_dict() for m in (direct, slow))
     assert all(torch.equal(left[k], right[k]) for k in left if isinstance(left[k], torch.Tensor))
@@ -236,6 +236,76 @@ def _record(tensor: torch.Tensor) -> io.BytesIO:
 def test_records_that_are_not_the_plain_kind_are_left_to_torch(make) -> None:
     buffer = _record(make())
     assert dcp_direct.layout(buffer, 0, len(buffer.getvalue())) is None
+
+
+def _records(*tensors: torch.Tensor, crc32: bool = False) -> tuple[io.BytesIO, list[tuple[int, int]]]:
+    """One file of ``torch.save`` records back to back, as a ``.distcp`` holds them; (offset, length) of each.
+
+    Without zip CRCs (how plugtron's writer saves) a record's bytes around its data depend on its dtype and
+    shape only; with them (torch's default, megatron's own writer) they also carry the data's checksum.
+    """
+    out, spans = io.BytesIO(), []
+    saved = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(crc32)
+    try:
+        for tensor in tensors:
+            record = _record(tensor).getvalue()
+            spans.append((out.tell(), len(record)))
+            out.write(record)
+    finally:
+        torch.serialization.set_crc32_options(saved)
+    return out, spans
+
+
+def _counting_parses(monkeypatch) -> list[int]:
+    parses: list[int] = []
+    real = dcp_direct._layout
+    monkeypatch.setattr(dcp_direct, "_layout", lambda window: parses.append(window.offset) or real(window))
+    return parses
+
+
+def test_records_of_one_kind_are_parsed_once_and_found_where_a_parse_finds_them(monkeypatch) -> None:
+    tensors = [torch.randn(8, 16) for _ in range(3)] + [torch.randn(4, 32), torch.randn(8, 16, dtype=torch.bfloat16)]
+    file, spans = _records(*tensors)
+    expected = [dcp_direct.layout(file, offset, length) for offset, length in spans]
+    parses = _counting_parses(monkeypatch)
+    frames = dcp_direct.Layouts()
+    found = [frames.get(file, offset, length) for offset, length in spans]
+    assert found == expected and None not in found
+    assert parses == [spans[0][0], spans[3][0], spans[4][0]]  # the 2nd and 3rd (8, 16) float32 records reuse the 1st
+    for layout, tensor in zip(found, tensors):
+        out = torch.empty_like(tensor)
+        assert dcp_direct.read_into(file, layout, (0, 0), tuple(tensor.shape), out) and torch.equal(out, tensor)
+
+
+def test_records_whose_frames_differ_are_each_parsed(monkeypatch) -> None:
+    file, spans = _records(torch.randn(8, 16), torch.randn(8, 16), crc32=True)  # checksums differ: frames differ
+    expected = [dcp_direct.layout(file, offset, length) for offset, length in spans]
+    parses = _counting_parses(monkeypatch)
+    frames = dcp_direct.Layouts()
+    assert [frames.get(file, offset, length) for offset, length in spans] == expected
+    assert parses == [offset for offset, _ in spans]
+
+
+def test_a_frame_whose_parse_read_its_data_is_never_reused() -> None:
+    file, spans = _records(torch.randn(8, 16))
+    frames = dcp_direct.Layouts()
+    window = dcp_direct._Window(file, *spans[0])
+    found = dcp_direct._layout(window)
+    start = found.start - spans[0][0]
+    assert all(stop <= start or begin >= start + 8 * 16 * 4 for begin, stop in window.spans)  # torch's kind: clean
+    real = dcp_direct._layout
+
+    def reads_data_too(window):  # as a crafted archive whose directory points into the data would
+        result = real(window)
+        window.seek(start)
+        window.read(4)
+        return result
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(dcp_direct, "_layout", reads_data_too)
+        assert frames.get(file, *spans[0]) == found
+    assert frames._frames[spans[0][1]] == []  # nothing kept: the next such record is parsed again
 
 
 def test_a_plain_record_is_found_and_read_by_rows() -> None:

@@ -87,7 +87,7 @@ class SafeFileSystemReader(FileSystemReader):
 
         from . import dcp_direct
 
-        rest, layouts, staging = [], {}, dcp_direct.Staging()
+        rest, layouts, staging, frames = [], {}, dcp_direct.Staging(), dcp_direct.Layouts()
         with open(Path(self.path) / name, "rb") as handle:
             for item in items:
                 info = self.storage_data[item.storage_index]
@@ -96,7 +96,7 @@ class SafeFileSystemReader(FileSystemReader):
                     continue
                 key = (info.offset, info.length)
                 if key not in layouts:
-                    layouts[key] = dcp_direct.layout(handle, info.offset, info.length)
+                    layouts[key] = frames.get(handle, info.offset, info.length)
                 target = planner.resolve_tensor(item).detach() if layouts[key] is not None else None
                 if target is not None and dcp_direct.read_into(handle, layouts[key], tuple(item.storage_offsets),
                                                                tuple(item.lengths), target, staging):
