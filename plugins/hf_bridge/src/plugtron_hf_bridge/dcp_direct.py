@@ -12,8 +12,8 @@ uncompressed zip whose ``data.pkl`` rebuilds a tensor from one storage record
 reading the zip's directory and ``data.pkl`` with an unpickler that builds
 nothing, only records what ``torch._utils._rebuild_tensor_v2`` would be
 given) and, when the block the rank needs is one contiguous byte range of the
-stored tensor and the destination is contiguous, copies that range into the
-destination from a short-lived mapping of the file; a column slice of whole
+stored tensor and the destination is contiguous, reads that range straight
+into the destination (``preadv``); a column slice of whole
 rows (a row-parallel weight read at a higher tensor-parallel size) goes row
 block by row block through one reused buffer. Anything else (another record
 layout, another block shape, an unexpected global, any parse error) returns
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
 import pickle
 import struct
 import zipfile
@@ -301,45 +300,25 @@ def _read_columns(handle: BinaryIO, found: Layout, rows: tuple[int, int], column
 
 
 def _read_exactly(handle: BinaryIO, start: int, out: Any) -> None:
-    """Copy ``out.numel()`` bytes of the file from ``start`` into the uint8 tensor ``out``, through short-lived
-    mappings of at most :data:`MAP_BYTES` each.
+    """Copy ``out.numel()`` bytes of the file from ``start`` into the uint8 tensor ``out`` (committed memory).
 
-    Why map: ``readinto`` a parameter's fresh memory was measured slower than
-    mapping the file and copying (the kernel faults the destination in page by
-    page inside the read; see :mod:`.region_io`, which reads HF files the same
-    way). The file's size is checked first: touching a mapping past the end of
-    a file (truncated since it was checked) kills the process with SIGBUS.
+    Read by the kernel straight into ``out`` (:func:`.region_io.pread_into`,
+    which says why and what it was measured against); a file that ends early
+    is an error, never a SIGBUS.
     """
-    import mmap
-
-    import torch
-
     size = out.numel()
     if size == 0:
         return
     try:
-        fileno = handle.fileno()
+        handle.fileno()
     except (AttributeError, io.UnsupportedOperation):  # an in-memory file: read it
         _read_into(handle, start, memoryview(out.numpy()))
         return
-    if os.fstat(fileno).st_size < start + size:
+    from .region_io import pread_into
+
+    got = pread_into(handle, start, memoryview(out.numpy()))
+    if got < size:
         raise EOFError(f"file ended before byte {start + size}")
-    for done in range(0, size, MAP_BYTES):
-        length = min(MAP_BYTES, size - done)
-        at = start + done
-        aligned = at - at % mmap.ALLOCATIONGRANULARITY
-        mapping = mmap.mmap(fileno, at + length - aligned, offset=aligned, access=mmap.ACCESS_COPY)
-        try:
-            out[done:done + length].copy_(torch.frombuffer(mapping, dtype=torch.uint8, count=length, offset=at - aligned))
-        finally:
-            try:
-                mapping.close()
-            except BufferError:  # an exception's traceback still holds the tensor; the mapping goes with it
-                pass
-
-
-#: Bytes mapped at once.
-MAP_BYTES = 64 * 2**20
 
 
 def _read_into(handle: BinaryIO, start: int, view: memoryview) -> None:
