@@ -14,7 +14,7 @@ bridge side is a child function of this file run by the bridge venv's python
 
 Every sample is a fresh process (same environment as bench_hf: OMP_NUM_THREADS=1,
 MALLOC_MMAP_THRESHOLD_ fixed, ``gc.freeze`` after imports); sides alternate
-P B F, then F B P; median of 2 processes per side (1 with ``--quick``). Each
+P B F, then F B P; median of ``bench_hf.PROCESSES`` (3) processes per side (1 with ``--quick``). Each
 process runs its operation 1 + bench_hf.REPEATS times; the first ("cold")
 call is judged. Libraries are imported before the clock on every side.
 
@@ -369,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         rows, checks = [], []
         for shape in ["llama-250m"] if args.quick else ["llama-250m", "llama-1b"]:
             work = Path(tmp) / "work"
-            result = measure_shape(shape, 1 if args.quick else 2, work, bridge)
+            result = measure_shape(shape, 1 if args.quick else hf.PROCESSES, work, bridge)
             rows += rows_for(result)
             checks.append(checks_for(result))
             subprocess.run(["rm", "-rf", str(work)], check=True)  # free the disk before the next shape

@@ -1,7 +1,7 @@
 """HF bridge benchmarks: import/export wall time and peak memory against the floor.
 
     .venv/bin/python benchmarks/bench_hf.py --quick      # ~250M only, one repeat
-    .venv/bin/python benchmarks/bench_hf.py              # ~250M and ~1B, median of 2 processes per side
+    .venv/bin/python benchmarks/bench_hf.py              # ~250M and ~1B, median of 3 processes per side
 
 On generated bf16 Llama-shaped checkpoints (random values, 3 safetensors shards),
 each measurement runs in a fresh interpreter, alternating between the sides:
@@ -62,6 +62,10 @@ SHAPES = {"llama-250m": (1024, 16, 16, 4, 2816, 32000), "llama-1b": (2048, 20, 3
 IMPORT_RATIO, RSS_RATIO = 1.5, 1.3
 #: Timed calls after the first (cold) one, per process.
 REPEATS = 3
+#: Fresh processes per side and shape (median judged). Three, not two: on this VM a process's first writes into
+#: fresh page-cache memory are sometimes 5-10x slower in the kernel (0.13-0.16 s instead of 0.012 s per 62.5 MB,
+#: measured), and with two processes one such sample decided the median of a cold export.
+PROCESSES = 3
 #: glibc serves allocations above this size with fresh mmap'd memory on every side (see the docstring).
 FRESH_MEMORY_ABOVE = 128 * 1024
 
@@ -372,7 +376,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-hf-") as tmp:
         for shape in shapes:
-            rows += rows_for(measure_shape(shape, 1 if quick else 2, Path(tmp)))
+            rows += rows_for(measure_shape(shape, 1 if quick else PROCESSES, Path(tmp)))
             for path in Path(tmp).iterdir():  # free the disk before the next shape
                 subprocess.run(["rm", "-rf", str(path)], check=True)
     return rows
