@@ -81,7 +81,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _measure import ensure_bytecode  # noqa: E402
+from _measure import ensure_bytecode, free_memory_text  # noqa: E402
 from _moe_checkpoint import SHAPES, export_plan, make_checkpoint, shares  # noqa: E402, F401 (make_checkpoint: --child)
 from _moe_scripts import BASELINE, FLOOR_EXPORT, FLOOR_IMPORT, HOOK  # noqa: E402
 
@@ -383,14 +383,14 @@ def main(argv: list[str] | None = None) -> int:
         warnings.simplefilter("ignore")
         print(MARKER + json.dumps(globals()[args.child[0]](**json.loads(args.child[1]))), flush=True)
         return 0
-    started, load = time.perf_counter(), os.getloadavg()
+    started, load, memory = time.perf_counter(), os.getloadavg(), free_memory_text()
     rows = run(args.quick, args.shape, args.rounds, args.phases)
     for row in rows:
         mark = {True: "ok", False: "MISS", None: "info"}[row["ok"]]
         print(f"[{mark}] {row['benchmark']}\n    plugtron: {row['plugtron']}\n    reference: {row['reference']}\n"
               f"    ratio: {row['ratio']}  target: {row['target']}", flush=True)
     print(f"{time.perf_counter() - started:.0f} s, {os.cpu_count()} CPUs, load avg {load[0]:.2f} -> "
-          f"{os.getloadavg()[0]:.2f}")
+          f"{os.getloadavg()[0]:.2f}; at the start {memory}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     return 0 if all(row["ok"] is not False for row in rows) else 1

@@ -28,7 +28,7 @@ import bench_build  # noqa: E402
 import bench_meta  # noqa: E402
 import bench_plugins  # noqa: E402
 import bench_train  # noqa: E402
-from _measure import BenchError, ensure_bytecode  # noqa: E402
+from _measure import BenchError, ensure_bytecode, free_memory_text  # noqa: E402
 
 OK, FAIL, INFO = "[green]✓[/green]", "[red]✗[/red]", "[dim]–[/dim]"
 
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     p = plan(args.quick, args.fresh)
     ensure_bytecode()
     started = time.perf_counter()
-    load_before = os.getloadavg()
+    load_before, memory_before = os.getloadavg(), free_memory_text()
     rows: list[list[str]] = []
     raw: dict[str, Any] = {"plan": p}
     steps: list[tuple[str, Callable[[], tuple[list[list[str]], Any]]]] = [
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     title = (
         f"plugtron benchmarks{' (--quick)' if args.quick else ''} — {datetime.date.today()}, "
         f"{os.cpu_count()} CPU cores, {platform.python_version()}, {elapsed:.0f} s, "
-        f"load avg {load_before[0]:.1f} -> {load_after[0]:.1f}"
+        f"load avg {load_before[0]:.1f} -> {load_after[0]:.1f}, {memory_before} at the start"
     )
     busy = max(load_before[0], load_after[0]) > (os.cpu_count() or 1)
     caption = (
