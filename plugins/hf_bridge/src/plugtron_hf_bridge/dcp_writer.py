@@ -40,9 +40,9 @@ from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.filesystem import SerializationFormat, _split_by_size_and_type, _StorageInfo, _write_item
 from torch.distributed.checkpoint.planner import WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
+from torch.futures import Future
 
 from plugtron.runtime.writeback import Writeback
-from torch.futures import Future
 
 from .safetensors_write import byte_view
 
