@@ -206,11 +206,6 @@ def local_load_plan(state_dict: dict[str, Any], metadata: Any, *, strict: bool =
     return items
 
 
-def _boxes_meet(one: ChunkStorageMetadata, other: ChunkStorageMetadata) -> bool:
-    return all(a < b_at + b_len and b_at < a + a_len
-               for a, a_len, b_at, b_len in zip(one.offsets, one.sizes, other.offsets, other.sizes))
-
-
 def _first_overlap(chunks: Sequence[ChunkStorageMetadata]) -> tuple[Any, Any] | None:
     """Two chunks that overlap, by a sweep along the dimension where their starts differ most."""
     if len(chunks) < 2 or not chunks[0].offsets:
@@ -221,7 +216,7 @@ def _first_overlap(chunks: Sequence[ChunkStorageMetadata]) -> tuple[Any, Any] | 
         start = chunk.offsets[dim]
         active = [(end, other) for end, other in active if end > start]
         for _, other in active:
-            if _boxes_meet(chunk, other):
+            if _overlap(chunk, other) is not None:
                 return chunk, other
         active.append((start + chunk.sizes[dim], chunk))
     return None
