@@ -306,26 +306,8 @@ def _read_exactly(handle: BinaryIO, start: int, out: Any) -> None:
     which says why and what it was measured against); a file that ends early
     is an error, never a SIGBUS.
     """
-    size = out.numel()
-    if size == 0:
-        return
-    try:
-        handle.fileno()
-    except (AttributeError, io.UnsupportedOperation):  # an in-memory file: read it
-        _read_into(handle, start, memoryview(out.numpy()))
-        return
     from .region_io import pread_into
 
-    got = pread_into(handle, start, memoryview(out.numpy()))
-    if got < size:
+    size = out.numel()
+    if size and pread_into(handle, start, memoryview(out.numpy())) < size:
         raise EOFError(f"file ended before byte {start + size}")
-
-
-def _read_into(handle: BinaryIO, start: int, view: memoryview) -> None:
-    handle.seek(start)
-    done = 0
-    while done < len(view):
-        got = handle.readinto(view[done:])
-        if not got:
-            raise EOFError(f"file ended at byte {start + done}, {len(view) - done} bytes short")
-        done += got

@@ -180,8 +180,6 @@ class _Sink(io.RawIOBase):
         return b"".join(self.parts[:self.cut[0]]), b"".join(self.parts[self.cut[0]:])
 
 
-
-
 def _minimal(tensor: torch.Tensor, staging: dict[int, torch.Tensor]) -> torch.Tensor:
     """``tensor`` on the CPU with a storage of exactly its bytes: itself, an alias of its bytes, or a staged copy."""
     tensor = tensor.detach().cpu()

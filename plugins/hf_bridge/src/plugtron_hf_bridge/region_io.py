@@ -160,14 +160,19 @@ class RegionReader:
 def pread_into(handle: IO[bytes], start: int, view: memoryview) -> int:
     """Read the file's bytes from ``start`` into ``view`` until it is full or the file ends; the bytes read.
 
-    ``os.preadv`` where there is one (no seek, so handles can be shared by
-    readers), else seek and ``readinto``.
+    ``os.preadv`` on the handle's descriptor where there are both (no seek, so
+    handles can be shared by readers), else seek and ``readinto`` (another OS,
+    an in-memory file).
     """
     done, preadv = 0, getattr(os, "preadv", None)
+    try:
+        fd = handle.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both of the latter
+        preadv = None
     if preadv is None:
         handle.seek(start)
     while done < len(view):
-        got = preadv(handle.fileno(), [view[done:]], start + done) if preadv else handle.readinto(view[done:])
+        got = preadv(fd, [view[done:]], start + done) if preadv else handle.readinto(view[done:])
         if not got:
             break
         done += got
