@@ -121,6 +121,22 @@ def ensure_bytecode(*folders: str | Path) -> None:
         compileall.compile_dir(root, quiet=1)
 
 
+def read_once(directory: str | Path) -> None:
+    """Read every file under ``directory`` once, untimed, so that the timed sides read it from the page cache.
+
+    Why: plugtron writes torch_dist files around the page cache (``O_DIRECT``,
+    :mod:`plugtron.runtime.direct_write`), while the floors' inputs went through it
+    when they were written. Without this, whichever run reads a freshly converted
+    megatron checkpoint first would be the only one to read the disk. The rows compare
+    reading and converting the same bytes; benchmarks/README.md shows a read from disk.
+    """
+    for path in sorted(Path(directory).rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                while handle.read(64 << 20):
+                    pass
+
+
 def free_memory_text() -> str:
     """Free memory and page cache now (``/proc/meminfo``), for a benchmark's title line.
 

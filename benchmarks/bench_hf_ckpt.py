@@ -32,6 +32,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_hf  # noqa: E402
+from _measure import read_once  # noqa: E402
 
 RATIO = 1.5
 
@@ -119,6 +120,8 @@ def measure_shape(shape: str, repeats: int, work: Path) -> dict[str, Any]:
     src, meg = work / shape, work / f"{shape}-megatron"
     info = bench_hf.isolated("make_checkpoint", directory=str(src), shape=shape)
     isolated("make_megatron", src=str(src), dst=str(meg))
+    for directory in (src, meg):
+        read_once(directory)
     sides: dict[str, list[dict[str, Any]]] = {k: [] for k in ("floor_read", "plugtron_load", "floor_durable",
                                                               "floor_write", "plugtron_save")}
     for index in range(repeats):

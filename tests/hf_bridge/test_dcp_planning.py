@@ -158,8 +158,10 @@ def test_each_path_reads_the_others_files_exactly(moe_checkpoints, pm, plugtron_
     assert all(torch.equal(state[k], expected[k]) for k in expected)
 
 
-def test_records_written_from_templates_are_torchs_bytes(tmp_path, plugtron_single_rank) -> None:
-    """The writer's template records (dcp_writer.RecordTemplates) against torch's own writer, same state dict."""
+@pytest.mark.parametrize("durable", [False, True], ids=["buffered", "synced-direct"])
+def test_records_written_from_templates_are_torchs_bytes(tmp_path, plugtron_single_rank, durable) -> None:
+    """The writer's template records (dcp_writer.RecordTemplates) against torch's own writer, same state dict;
+    synced files are written around the page cache (plugtron.runtime.direct_write), with the same bytes."""
     from torch.distributed.checkpoint import FileSystemWriter, save
 
     from plugtron_hf_bridge.dcp_strategies import _without_crc32
@@ -171,7 +173,7 @@ def test_records_written_from_templates_are_torchs_bytes(tmp_path, plugtron_sing
              "empty": torch.zeros(0, 3), "ints": torch.arange(12).view(3, 4), "mask": torch.rand(9, generator=g) > 0.5,
              "rows": base[2:4], "columns": base[:, 1:3], "again": torch.randn(5, 7, generator=g).bfloat16(),
              "large": torch.randn(64, 48, generator=g), "large_bf16": torch.randn(3, 4096, generator=g).bfloat16()}
-    written, ours = {}, ViewSafeFileSystemWriter(tmp_path / "ours", sync_files=False)
+    written, ours = {}, ViewSafeFileSystemWriter(tmp_path / "ours", sync_files=durable)
     for name, writer in (("torch", FileSystemWriter(tmp_path / "torch", single_file_per_rank=True, thread_count=1)),
                          ("ours", ours)):
         with _without_crc32():

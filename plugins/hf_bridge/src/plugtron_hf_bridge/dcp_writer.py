@@ -24,9 +24,11 @@ The file is byte for byte what torch's writer writes (tested); the per-record
 cost of ``torch.save`` (a pickler, a zip writer, some 24 small writes) was
 0.7 s of a 2.5 s write for the 2,400 records of a 1B Qwen3-MoE.
 
-While a file is written its finished stretches are already sent to the disk
-(:class:`plugtron.runtime.writeback.Writeback`), so the closing ``fsync``
-waits for the last of them only.
+A file that is to be synced is written around the page cache where the file
+system allows it (:func:`plugtron.runtime.direct_write.open_durable`: its bytes
+must reach the disk anyway, and on this VM finding page-cache pages was most of
+the write's cost), else buffered with its finished stretches sent to the disk
+while it is written and ``fsync``ed at the end.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from torch.distributed.checkpoint.planner import WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
-from plugtron.runtime.writeback import Writeback
+from plugtron.runtime.direct_write import open_durable
 
 from .safetensors_write import byte_view
 
@@ -66,17 +68,11 @@ class ViewSafeFileSystemWriter(FileSystemWriter):
         """Byte items first, then tensors, as torch's writer orders a file."""
         staging: dict[int, torch.Tensor] = {}
         results = []
-        with self.fs.create_stream(path, "wb") as stream:
-            writeback = Writeback(stream) if self.sync_files else None  # the fsync below then waits for the tail only
+        with open_durable(path) if self.sync_files else self.fs.create_stream(path, "wb") as stream:
             for item in [i for i in items if i.type == WriteItemType.BYTE_IO]:
                 results.append(self._write(stream, planner.resolve_data(item), item, name))
             for item in [i for i in items if i.type != WriteItemType.BYTE_IO]:
                 results.append(self._write(stream, _minimal(planner.resolve_data(item), staging), item, name))
-                if writeback is not None:
-                    writeback.progress()
-            if self.sync_files:
-                stream.flush()
-                os.fsync(stream.fileno())
         return results
 
     def _write(self, stream: io.IOBase, data: Any, item: Any, name: str) -> Any:
