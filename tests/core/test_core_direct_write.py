@@ -100,11 +100,14 @@ def test_an_error_while_writing_aborts_without_syncing(tmp_path, monkeypatch) ->
     assert stream.closed and synced == []
 
 
-def test_without_o_direct_the_file_is_buffered_and_synced(tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("how", ["argument", "environment"])
+def test_without_o_direct_the_file_is_buffered_and_synced(tmp_path, monkeypatch, how) -> None:
     synced = []
     real_fsync = os.fsync
     monkeypatch.setattr(direct_write.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
-    with open_durable(tmp_path / "out.bin", direct=False) as stream:
+    if how == "environment":
+        monkeypatch.setenv("PLUGTRON_DIRECT_WRITES", "0")
+    with open_durable(tmp_path / "out.bin", direct=how != "argument") as stream:
         assert isinstance(stream, BufferedDurable)
         stream.write(b"abc")
         stream.write(memoryview(b"defg"))

@@ -18,8 +18,8 @@ background thread while the next fills, the last one is padded to the block
 size, and :meth:`~DirectFile.close` cuts the file to its real length and
 ``fsync``s it.
 
-Where ``O_DIRECT`` is refused (a file system without it, or another OS),
-:func:`open_durable` returns :class:`BufferedDurable`, an ordinary buffered file
+Where ``O_DIRECT`` is refused (a file system without it, or another OS), or
+``PLUGTRON_DIRECT_WRITES=0`` is set, :func:`open_durable` returns :class:`BufferedDurable`, an ordinary buffered file
 ``fsync``ed on close: the same promise, the page cache's speed.
 """
 
@@ -35,6 +35,8 @@ from typing import IO, Any
 CHUNK = 8 << 20
 #: Staging buffers: one filling while the others are written.
 BUFFERS = 3
+#: ``PLUGTRON_DIRECT_WRITES=0`` writes through the page cache instead (a file system where ``O_DIRECT`` is slow).
+OPT_OUT = "PLUGTRON_DIRECT_WRITES"
 #: ``O_DIRECT`` lengths and offsets are multiples of this (the largest logical block size in use; 512 is common).
 ALIGN = 4096
 
@@ -172,7 +174,7 @@ def open_durable(path: str | os.PathLike, *, direct: bool = True) -> IO[bytes] |
     """A new file at ``path`` for writing, on disk once closed: a :class:`DirectFile` where the file system
     takes ``O_DIRECT``, else :class:`BufferedDurable` (buffered, ``fsync``ed on close)."""
     path = os.fspath(path)
-    if direct and _O_DIRECT:
+    if direct and _O_DIRECT and os.environ.get(OPT_OUT, "1") != "0":
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _O_DIRECT | getattr(os, "O_CLOEXEC", 0), 0o666)
         except OSError as exc:
