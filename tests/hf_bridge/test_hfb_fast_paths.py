@@ -376,9 +376,15 @@ def test_compile_is_deferred_to_the_first_call() -> None:
 
 
 def test_only_command_processes_are_frozen(monkeypatch) -> None:
-    import plugtron.cli
-    from plugtron_hf_bridge.libraries import _is_command_process
+    import gc
 
-    assert not _is_command_process()  # this test session calls plugtron.cli.main
+    import plugtron.cli
+    from plugtron_hf_bridge.libraries import settle
+
+    frozen = []
+    monkeypatch.setattr(gc, "freeze", lambda: frozen.append(True))
+    settle()
+    assert not plugtron.cli.is_command_process() and frozen == []  # this test session calls plugtron.cli.main
     monkeypatch.setattr(plugtron.cli, "_command_process", True)  # what plugtron.cli.run sets
-    assert _is_command_process()
+    settle()
+    assert frozen == [True]

@@ -60,14 +60,10 @@ def settle() -> None:
     one that calls :func:`plugtron.cli.main` many times (a test session), so
     only the former is frozen.
     """
-    if _is_command_process():
-        gc.freeze()
-
-
-def _is_command_process() -> bool:
     from plugtron.cli import is_command_process
 
-    return is_command_process()
+    if is_command_process():
+        gc.freeze()
 
 
 def compile_on_first_call(compile_: Callable[..., Any]) -> Callable[..., Any]:
