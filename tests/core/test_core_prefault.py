@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import sys
 
 import pytest
@@ -17,7 +18,8 @@ def _resident_kb() -> int:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_POPULATE_WRITE is Linux's")
 def test_populate_commits_fresh_pages_once_per_storage_without_changing_contents() -> None:
-    fresh = torch.empty(64 * 2**20, dtype=torch.uint8)  # 64 MiB, untouched: not resident yet
+    # 64 MiB of a new mapping: untouched, so not resident yet (torch.empty may reuse memory a test freed before)
+    fresh = torch.frombuffer(mmap.mmap(-1, 64 * 2**20), dtype=torch.uint8)
     written = torch.arange(1000, dtype=torch.float32)
     before = _resident_kb()
     done = prefault.populate([fresh, fresh[10:], written, torch.empty(3, 4, device="meta")])
@@ -35,7 +37,7 @@ def test_populate_is_a_no_op_where_the_call_is_missing(monkeypatch) -> None:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_POPULATE_WRITE is Linux's")
 def test_populate_over_threads_commits_every_storage_once() -> None:
-    fresh = [torch.empty(n * 2**20, dtype=torch.uint8) for n in (9, 1, 4, 4, 2)]  # 20 MiB, untouched
+    fresh = [torch.frombuffer(mmap.mmap(-1, n * 2**20), dtype=torch.uint8) for n in (9, 1, 4, 4, 2)]  # 20 MiB, untouched
     before = _resident_kb()
     done = prefault.populate(fresh + [fresh[2][5:]], threads=3)
     if done == 0:

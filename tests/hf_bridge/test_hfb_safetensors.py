@@ -80,6 +80,25 @@ def test_sharded_round_trip(tmp_path: Path) -> None:
             assert f.metadata() == {"format": "pt"}
 
 
+def test_shards_switched_to_direct_writes_mid_file_keep_their_bytes(tmp_path: Path, monkeypatch) -> None:
+    """plugtron.runtime.adaptive_write judging every 4 KiB window slow: shards written partly buffered, partly
+    direct (unaligned switch points, a strided tensor through the staging buffer) read back bit-exact."""
+    from plugtron.runtime import adaptive_write
+    from plugtron_hf_bridge.safetensors_write import Rows
+
+    monkeypatch.setattr(adaptive_write, "WINDOW", 4096)
+    monkeypatch.setattr(adaptive_write, "SLOW_SECONDS_PER_GB", -1.0)
+    g = torch.Generator().manual_seed(1)
+    tensors = {**sample_tensors(), "big": torch.randn(300, 77, generator=g), "strided": torch.randn(90, 64, generator=g).t()}
+    parts = (torch.randn(5, 33, generator=g), torch.randn(8, 33, generator=g))
+    with ShardedSafetensorsWriter(tmp_path, max_shard_bytes=60_000) as writer:
+        for name, t in tensors.items():
+            writer.add(name, t)
+        writer.add("rows", Rows(parts))
+    with SafetensorsCheckpoint(tmp_path) as ckpt:
+        assert_same(ckpt, {**tensors, "rows": torch.cat(parts)})
+
+
 def test_shard_limit_respected_and_big_tensor_gets_own_shard(tmp_path: Path) -> None:
     tensors = {f"t{i}": torch.full((10,), float(i)) for i in range(6)}  # 40 bytes each
     tensors["big"] = torch.zeros(100)  # 400 bytes > limit

@@ -28,6 +28,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import IO, Any
 
@@ -44,11 +45,11 @@ ALIGN = 4096
 class DirectFile:
     """A write-only, ``fsync``-on-close file written with ``O_DIRECT`` (see the module docstring)."""
 
-    def __init__(self, fd: int, path: str, chunk: int = CHUNK, buffers: int = BUFFERS) -> None:
+    def __init__(self, fd: int, path: str, chunk: int = CHUNK, buffers: int = BUFFERS, *, sync: bool = True) -> None:
         if chunk % ALIGN or buffers < 2:
             raise ValueError(f"chunk must be a multiple of {ALIGN} and buffers >= 2, got {chunk}, {buffers}")
-        self.name, self._fd, self._chunk = path, fd, chunk
-        self._buffers = [mmap.mmap(-1, chunk) for _ in range(buffers)]  # page-aligned, reused
+        self.name, self._fd, self._chunk, self._sync = path, fd, chunk, sync
+        self._buffers = [_take_buffer(chunk) for _ in range(buffers)]  # page-aligned, reused across files
         self._in_flight: list[Future | None] = [None] * buffers
         self._current, self._filled, self._file_offset, self._position = 0, 0, 0, 0
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="direct-write")
@@ -81,7 +82,7 @@ class DirectFile:
         return True
 
     def close(self) -> None:
-        """Write the tail, cut the file to its length, ``fsync`` it and close it."""
+        """Write the tail, cut the file to its length, ``fsync`` it (unless made with ``sync=False``) and close it."""
         if self.closed:
             return
         try:
@@ -89,7 +90,8 @@ class DirectFile:
                 self._submit(-(-self._filled // ALIGN) * ALIGN)  # the padding is cut off below
             self._wait_all()
             os.ftruncate(self._fd, self._position)
-            os.fsync(self._fd)
+            if self._sync:
+                os.fsync(self._fd)
         finally:
             self._release()
 
@@ -137,7 +139,32 @@ class DirectFile:
         self._writer.shutdown(wait=True)
         os.close(self._fd)
         for buffer in self._buffers:
-            buffer.close()
+            _give_back(buffer)
+        self._buffers = []
+
+
+#: Staging buffers of closed files, kept for the next: a new mapping's pages are fresh memory, which is
+#: what costs on this VM (3 new 8 MiB buffers per file made a 3-file 490 MB write 0.27-0.30 s).
+_spare: list[mmap.mmap] = []
+_spare_lock = threading.Lock()
+#: Spare buffers kept at most (one file's worth, plus one being written by another thread).
+MAX_SPARE = 2 * BUFFERS
+
+
+def _take_buffer(size: int) -> mmap.mmap:
+    with _spare_lock:
+        for index, buffer in enumerate(_spare):
+            if len(buffer) == size:
+                return _spare.pop(index)
+    return mmap.mmap(-1, size)
+
+
+def _give_back(buffer: mmap.mmap) -> None:
+    with _spare_lock:
+        if len(_spare) < MAX_SPARE:
+            _spare.append(buffer)
+            return
+    buffer.close()
 
 
 def _write_all(fd: int, buffer: mmap.mmap, length: int, offset: int) -> None:

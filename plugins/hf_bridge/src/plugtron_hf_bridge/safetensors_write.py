@@ -8,6 +8,8 @@ of new pages made those copies 0.3 s of a 250M model's 0.45 s export), so this
 writer takes a tensor as :class:`Rows`, consecutive row blocks of existing
 tensors (views into the model), and writes each block's bytes where they
 belong. A non-contiguous tensor is written through one reused staging buffer.
+The file goes through the page cache while the kernel's pages come cheap and
+around it once they do not (:mod:`plugtron.runtime.adaptive_write`).
 
 The layout is the format's own, as the reference writer lays it out: an
 8-byte little-endian header length, the JSON header padded with spaces to a
@@ -23,6 +25,8 @@ from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple, Union
 
 import torch
+
+from plugtron.runtime.adaptive_write import open_adaptive
 
 from .safetensors_header import DTYPES
 
@@ -80,7 +84,7 @@ def write_file(path: str | Path, tensors: dict[str, Writable], metadata: dict[st
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     staging = _Staging()
-    with open(path, "wb") as handle:
+    with open_adaptive(path) as handle:  # through the page cache while that is cheap (plugtron.runtime.adaptive_write)
         handle.write(len(raw).to_bytes(8, "little"))
         handle.write(raw)
         for name in order:
