@@ -37,11 +37,36 @@ def test_cheap_windows_stay_in_the_page_cache(tmp_path) -> None:
 
 def test_a_slow_window_switches_to_direct_writes_mid_file(tmp_path) -> None:
     """Every window judged slow (a negative limit): the switch lands at an unaligned position, the bytes stay."""
+    _skip_without_o_direct(tmp_path)
     pieces = _pieces(SIZES)
     stream = _write(tmp_path / "out.bin", pieces, window=2 * ALIGN, slow_seconds_per_gb=-1.0)
-    if not stream.direct:
-        pytest.skip(f"the file system of {tmp_path} refuses O_DIRECT")
+    assert stream.direct
     assert (tmp_path / "out.bin").read_bytes() == b"".join(pieces)
+
+
+def test_one_slow_window_alone_does_not_switch(tmp_path, monkeypatch) -> None:
+    """A lone expensive window happens with pages at hand too; two in a row switch."""
+    _skip_without_o_direct(tmp_path)
+    clock: list[float] = []
+    for cost in (1.0, 0.0, 1.0, 0.0, 1.0, 1.0):  # kernel seconds of each one-byte write (1 s/byte: slow)
+        start = clock[-1] if clock else 0.0
+        clock += [start, start + cost]
+    ticks = iter(clock)
+    monkeypatch.setattr(adaptive_write.time, "thread_time", lambda: next(ticks))
+    with open_adaptive(tmp_path / "out.bin", window=1, slow_seconds_per_gb=1e6) as stream:
+        for index, byte in enumerate(b"abcde"):
+            stream.write(bytes([byte]))
+            assert not stream.direct, index
+        stream.write(b"f")
+        assert stream.direct
+    assert (tmp_path / "out.bin").read_bytes() == b"abcdef"
+
+
+def _skip_without_o_direct(directory) -> None:
+    try:
+        os.close(os.open(directory / "probe", os.O_WRONLY | os.O_CREAT | adaptive_write._O_DIRECT))
+    except OSError:
+        pytest.skip(f"the file system of {directory} refuses O_DIRECT")
 
 
 def test_a_file_system_without_o_direct_keeps_writing_buffered(tmp_path, monkeypatch) -> None:

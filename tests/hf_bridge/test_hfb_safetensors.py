@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -86,8 +87,16 @@ def test_shards_switched_to_direct_writes_mid_file_keep_their_bytes(tmp_path: Pa
     from plugtron.runtime import adaptive_write
     from plugtron_hf_bridge.safetensors_write import Rows
 
-    monkeypatch.setattr(adaptive_write, "WINDOW", 4096)
+    try:
+        os.close(os.open(tmp_path / "probe", os.O_WRONLY | os.O_CREAT | adaptive_write._O_DIRECT))
+    except OSError:
+        pytest.skip(f"the file system of {tmp_path} refuses O_DIRECT")
+    switched = []
+    real_switch = adaptive_write._set_direct
+    monkeypatch.setattr(adaptive_write, "_set_direct", lambda fd: (switched.append(fd), real_switch(fd))[1])
+    monkeypatch.setattr(adaptive_write, "WINDOW", 256)
     monkeypatch.setattr(adaptive_write, "SLOW_SECONDS_PER_GB", -1.0)
+    (tmp_path / "probe").unlink()
     g = torch.Generator().manual_seed(1)
     tensors = {**sample_tensors(), "big": torch.randn(300, 77, generator=g), "strided": torch.randn(90, 64, generator=g).t()}
     parts = (torch.randn(5, 33, generator=g), torch.randn(8, 33, generator=g))
@@ -95,6 +104,7 @@ def test_shards_switched_to_direct_writes_mid_file_keep_their_bytes(tmp_path: Pa
         for name, t in tensors.items():
             writer.add(name, t)
         writer.add("rows", Rows(parts))
+    assert len(switched) >= 2  # the larger shards switched part-way (the last, small one may not)
     with SafetensorsCheckpoint(tmp_path) as ckpt:
         assert_same(ckpt, {**tensors, "rows": torch.cat(parts)})
 

@@ -12,8 +12,8 @@ process meets depends on what was freed in the seconds before it started.
 
 :class:`AdaptiveFile` measures instead of guessing: it writes plainly and
 times the kernel's share of each :data:`WINDOW` (the thread's CPU time, which
-a descheduled thread does not inflate); a window that costs more than
-:data:`SLOW_SECONDS_PER_GB` switches the file to ``O_DIRECT`` from there on
+a descheduled thread does not inflate); two windows in a row that cost more
+than :data:`SLOW_SECONDS_PER_GB` switch the file to ``O_DIRECT`` from there on
 (:class:`.direct_write.DirectFile`, the last partial block rewritten from the
 cache so that every direct write is aligned). Each file judges for itself:
 the state changes as memory is freed and taken back. Where the file system
@@ -48,6 +48,7 @@ class AdaptiveFile(DirectFile):
         self._slow_seconds_per_byte = limit / 1e9
         self._plain = True
         self._window_bytes, self._window_cpu = 0, 0.0
+        self._previous_slow = False
 
     @property
     def direct(self) -> bool:
@@ -80,10 +81,13 @@ class AdaptiveFile(DirectFile):
         super().close()
 
     def _judge_window(self) -> None:
+        """Two slow windows in a row switch: with pages at hand a lone window still costs 2+ s/GB now and then
+        (measured: 2-3 of ~50 windows of a 2 GB write), while a host backing fresh pages makes every window slow."""
         slow = self._window_cpu > self._slow_seconds_per_byte * self._window_bytes
         self._window_bytes, self._window_cpu = 0, 0.0
-        if slow:
+        if slow and self._previous_slow:
             self._go_direct()
+        self._previous_slow = slow
 
     def _go_direct(self) -> None:
         """From here on ``O_DIRECT``: the bytes since the last aligned offset are written again, aligned."""
