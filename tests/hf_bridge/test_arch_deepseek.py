@@ -65,8 +65,8 @@ MOONLIGHT_16B = {  # moonshotai/Moonlight-16B-A3B
     "rms_norm_eps": 1e-05, "rope_scaling": None, "rope_theta": 50000.0, "routed_scaling_factor": 2.446,
     "scoring_func": "sigmoid", "topk_group": 1, "topk_method": "noaux_tc", "transformers_version": "4.46.3",
     "vocab_size": 163840}
-KIMI_K2 = {  # moonshotai/Kimi-K2-Instruct (its FP8 quantization_config: see test_fp8_checkpoints_...)
-    **_DEEPSEEK_COMMON, "architectures": ["DeepseekV3ForCausalLM"], "model_type": "kimi_k2",
+KIMI_K2 = {  # moonshotai/Kimi-K2-Instruct (its FP8 quantization_config: see test_fp8_checkpoints_...); no ep_size
+    **{k: v for k, v in _DEEPSEEK_COMMON.items() if k != "ep_size"}, "architectures": ["DeepseekV3ForCausalLM"], "model_type": "kimi_k2",
     "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekV3Config",
                  "AutoModel": "modeling_deepseek.DeepseekV3Model",
                  "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"},

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -175,10 +174,12 @@ def test_tables_round_trip_bit_exact_one_mapping_per_expert(tmp_path, dtype) -> 
     assert [n for n in hf if back[n].dtype != hf[n].dtype or not torch.equal(back[n], hf[n])] == []
 
 
-#: NVIDIA-Nemotron-3-Nano-30B-A3B-BF16's config.json as published on the hub.
+#: NVIDIA-Nemotron-3-Nano-30B-A3B-BF16's config.json as published on the hub (checked key by key against two
+#: verbatim copies: no ``time_step_limit``, which transformers' config class defaults).
 NEMOTRON3_NANO = {
     "architectures": ["NemotronHForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
     "auto_map": {"AutoConfig": "configuration_nemotron_h.NemotronHConfig",
+                 "AutoModel": "modeling_nemotron_h.NemotronHForCausalLM",
                  "AutoModelForCausalLM": "modeling_nemotron_h.NemotronHForCausalLM"},
     "bos_token_id": 1, "chunk_size": 128, "conv_kernel": 4, "eos_token_id": 2, "expand": 2, "head_dim": 128,
     "hidden_dropout": 0.0, "hidden_size": 2688,
@@ -191,7 +192,7 @@ NEMOTRON3_NANO = {
     "num_attention_heads": 32, "num_experts_per_tok": 6, "num_hidden_layers": 52, "num_key_value_heads": 2,
     "num_logits_to_keep": 1, "pad_token_id": 0, "partial_rotary_factor": 1.0, "rescale_prenorm_residual": True,
     "residual_in_fp32": False, "rope_theta": 10000, "routed_scaling_factor": 2.5, "sliding_window": None,
-    "ssm_state_size": 128, "tie_word_embeddings": False, "time_step_floor": 0.0001, "time_step_limit": [0.0, math.inf],
+    "ssm_state_size": 128, "tie_word_embeddings": False, "time_step_floor": 0.0001,
     "time_step_max": 0.1, "time_step_min": 0.001, "topk_group": 1, "torch_dtype": "bfloat16",
     "transformers_version": "4.55.4", "use_bias": False, "use_cache": True, "use_conv_bias": True,
     "use_mamba_kernels": True, "vocab_size": 131072,
