@@ -30,7 +30,8 @@ import mmap
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import IO, Any
+from typing import IO, Any, TypeVar
+
 
 #: Bytes per staging buffer (and per disk write); measured here: 4-8 MiB writes ran at 2.4 GB/s, 16-64 MiB at 1.6-1.9.
 CHUNK = 8 << 20
@@ -42,7 +43,29 @@ OPT_OUT = "PLUGTRON_DIRECT_WRITES"
 ALIGN = 4096
 
 
-class DirectFile:
+_Stream = TypeVar("_Stream", bound="_Finished")
+
+
+class _Finished:
+    """``with`` support for the streams below: closed (finished) on success, aborted on an error."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: _Stream) -> _Stream:
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class DirectFile(_Finished):
     """A write-only, ``fsync``-on-close file written with ``O_DIRECT`` (see the module docstring)."""
 
     def __init__(self, fd: int, path: str, chunk: int = CHUNK, buffers: int = BUFFERS, *, sync: bool = True) -> None:
@@ -104,15 +127,6 @@ class DirectFile:
                 pass
             finally:
                 self._release()
-
-    def __enter__(self) -> "DirectFile":
-        return self
-
-    def __exit__(self, exc_type: object, *rest: object) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
     # -- staging ------------------------------------------------------------------------------------
     def _submit(self, length: int) -> None:
@@ -212,7 +226,7 @@ def open_durable(path: str | os.PathLike, *, direct: bool = True) -> IO[bytes] |
     return BufferedDurable(path)
 
 
-class BufferedDurable:
+class BufferedDurable(_Finished):
     """The fallback of :func:`open_durable`: a buffered file, ``fsync``ed on close."""
 
     def __init__(self, path: str) -> None:
@@ -249,12 +263,3 @@ class BufferedDurable:
 
     def abort(self) -> None:
         self._file.close()
-
-    def __enter__(self) -> "BufferedDurable":
-        return self
-
-    def __exit__(self, exc_type: object, *rest: object) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
