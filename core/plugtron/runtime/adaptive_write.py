@@ -8,7 +8,9 @@ host at once (``virtio_balloon`` free page reporting), a fresh process often
 gets pages the host must back first, and the same write then costs 1.8-2.2 s
 of system time per GB (traced: same pages allocated, 8x the kernel time), so
 a 2 GB export took 2.3-4 s where a direct write takes 0.8 s. Which case a
-process meets depends on what was freed in the seconds before it started.
+process meets varies from process to process and over time, even within one
+file (measured: a 2 GB write whose 16 MiB stretches turned slow after 13-27
+of 80); what decides it was not pinned down.
 
 :class:`AdaptiveFile` measures instead of guessing: it writes plainly and
 times the kernel's share of each :data:`WINDOW` (the thread's CPU time, which

@@ -19,8 +19,9 @@ size, and :meth:`~DirectFile.close` cuts the file to its real length and
 ``fsync``s it.
 
 Where ``O_DIRECT`` is refused (a file system without it, or another OS), or
-``PLUGTRON_DIRECT_WRITES=0`` is set, :func:`open_durable` returns :class:`BufferedDurable`, an ordinary buffered file
-``fsync``ed on close: the same promise, the page cache's speed.
+``PLUGTRON_DIRECT_WRITES=0`` is set, :func:`open_durable` returns
+:class:`BufferedDurable`, an ordinary buffered file ``fsync``ed on close: the
+same promise, the page cache's speed.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import IO, Any, TypeVar
-
 
 #: Bytes per staging buffer (and per disk write); measured here: 4-8 MiB writes ran at 2.4 GB/s, 16-64 MiB at 1.6-1.9.
 CHUNK = 8 << 20
