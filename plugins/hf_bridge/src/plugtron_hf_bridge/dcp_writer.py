@@ -27,8 +27,7 @@ cost of ``torch.save`` (a pickler, a zip writer, some 24 small writes) was
 A file that is to be synced is written around the page cache where the file
 system allows it (:func:`plugtron.runtime.direct_write.open_durable`: its bytes
 must reach the disk anyway, and on this VM finding page-cache pages was most of
-the write's cost), else buffered with its finished stretches sent to the disk
-while it is written and ``fsync``ed at the end.
+the write's cost), else buffered and ``fsync``ed at the end.
 """
 
 from __future__ import annotations
