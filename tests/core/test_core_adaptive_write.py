@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from plugtron.runtime import adaptive_write
+from plugtron.runtime import adaptive_write, direct_write
 from plugtron.runtime.adaptive_write import open_adaptive
 from plugtron.runtime.direct_write import ALIGN
 
@@ -64,7 +64,7 @@ def test_one_slow_window_alone_does_not_switch(tmp_path, monkeypatch) -> None:
 
 def _skip_without_o_direct(directory) -> None:
     try:
-        os.close(os.open(directory / "probe", os.O_WRONLY | os.O_CREAT | adaptive_write._O_DIRECT))
+        os.close(os.open(directory / "probe", os.O_WRONLY | os.O_CREAT | direct_write._O_DIRECT))
     except OSError:
         pytest.skip(f"the file system of {directory} refuses O_DIRECT")
 
@@ -74,7 +74,7 @@ def test_a_file_system_without_o_direct_keeps_writing_buffered(tmp_path, monkeyp
     real = fcntl.fcntl
 
     def refuse(fd, command, *args):
-        if command == fcntl.F_SETFL and args and args[0] & adaptive_write._O_DIRECT:
+        if command == fcntl.F_SETFL and args and args[0] & direct_write._O_DIRECT:
             raise OSError(errno.EINVAL, "Invalid argument")
         return real(fd, command, *args)
 

@@ -84,16 +84,16 @@ def test_sharded_round_trip(tmp_path: Path) -> None:
 def test_shards_switched_to_direct_writes_mid_file_keep_their_bytes(tmp_path: Path, monkeypatch) -> None:
     """plugtron.runtime.adaptive_write judging every 4 KiB window slow: shards written partly buffered, partly
     direct (unaligned switch points, a strided tensor through the staging buffer) read back bit-exact."""
-    from plugtron.runtime import adaptive_write
+    from plugtron.runtime import adaptive_write, direct_write
     from plugtron_hf_bridge.safetensors_write import Rows
 
     try:
-        os.close(os.open(tmp_path / "probe", os.O_WRONLY | os.O_CREAT | adaptive_write._O_DIRECT))
+        os.close(os.open(tmp_path / "probe", os.O_WRONLY | os.O_CREAT | direct_write._O_DIRECT))
     except OSError:
         pytest.skip(f"the file system of {tmp_path} refuses O_DIRECT")
     switched = []
-    real_switch = adaptive_write._set_direct
-    monkeypatch.setattr(adaptive_write, "_set_direct", lambda fd: (switched.append(fd), real_switch(fd))[1])
+    real_switch = adaptive_write.set_direct
+    monkeypatch.setattr(adaptive_write, "set_direct", lambda fd, on: (switched.append(fd), real_switch(fd, on))[1])
     monkeypatch.setattr(adaptive_write, "WINDOW", 256)
     monkeypatch.setattr(adaptive_write, "SLOW_SECONDS_PER_GB", -1.0)
     (tmp_path / "probe").unlink()

@@ -24,12 +24,11 @@ refuses ``O_DIRECT`` the file simply stays buffered.
 
 from __future__ import annotations
 
-import errno
 import os
 import time
 from typing import Any
 
-from .direct_write import _O_DIRECT, ALIGN, OPT_OUT, DirectFile
+from .direct_write import ALIGN, DirectFile, direct_allowed, set_direct
 
 #: Bytes written plainly between two looks at what they cost (a slow window costs ~0.03 s more than a direct one).
 WINDOW = 16 << 20
@@ -43,7 +42,7 @@ class AdaptiveFile(DirectFile):
 
     def __init__(self, fd: int, path: str, *, sync: bool = False, window: int | None = None,
                  slow_seconds_per_gb: float | None = None) -> None:
-        """``window`` and ``slow_seconds_per_gb`` default to the module's :data:`WINDOW` and :data:`SLOW_SECONDS_PER_GB`."""
+        """``window`` and ``slow_seconds_per_gb`` default to :data:`WINDOW` and :data:`SLOW_SECONDS_PER_GB`."""
         super().__init__(fd, path, sync=sync)
         self._window = WINDOW if window is None else window
         limit = SLOW_SECONDS_PER_GB if slow_seconds_per_gb is None else slow_seconds_per_gb
@@ -93,26 +92,14 @@ class AdaptiveFile(DirectFile):
 
     def _go_direct(self) -> None:
         """From here on ``O_DIRECT``: the bytes since the last aligned offset are written again, aligned."""
-        if not _O_DIRECT or os.environ.get(OPT_OUT, "1") == "0":
+        if not direct_allowed():
             return
         aligned = self._position - self._position % ALIGN
         tail = os.pread(self._fd, self._position - aligned, aligned)  # before the flag: a direct read needs alignment
-        if not _set_direct(self._fd):
+        if not set_direct(self._fd, True):
             return
         self._plain, self._file_offset, self._position = False, aligned, aligned
         super().write(tail)
-
-
-def _set_direct(fd: int) -> bool:
-    import fcntl
-
-    try:
-        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | _O_DIRECT)
-    except OSError as exc:
-        if exc.errno != errno.EINVAL:
-            raise
-        return False
-    return True
 
 
 def open_adaptive(path: str | os.PathLike, **options: Any) -> AdaptiveFile:

@@ -189,7 +189,7 @@ def _write_all(fd: int, buffer: mmap.mmap, length: int, offset: int) -> None:
             try:
                 written = os.pwrite(fd, view, offset)
             except OSError as exc:
-                if exc.errno != errno.EINVAL or not _drop_direct(fd):
+                if exc.errno != errno.EINVAL or not set_direct(fd, False):  # False: not set, so the error is real
                     raise
                 continue
             view, offset = view[written:], offset + written
@@ -197,25 +197,36 @@ def _write_all(fd: int, buffer: mmap.mmap, length: int, offset: int) -> None:
         view.release()
 
 
-def _drop_direct(fd: int) -> bool:
-    """Clear ``O_DIRECT`` on ``fd`` (Linux allows it); False when it was not set, so the error is real."""
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
+
+
+def direct_allowed() -> bool:
+    """Whether this OS has ``O_DIRECT`` and ``PLUGTRON_DIRECT_WRITES=0`` does not turn it off."""
+    return bool(_O_DIRECT) and os.environ.get(OPT_OUT, "1") != "0"
+
+
+def set_direct(fd: int, on: bool) -> bool:
+    """Set or clear ``O_DIRECT`` on an open ``fd`` (Linux allows both); False when it already was so, or when the
+    file system refuses the flag."""
     import fcntl
 
     flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-    if not flags & _O_DIRECT:
+    if bool(flags & _O_DIRECT) == on:
         return False
-    fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~_O_DIRECT)
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags ^ _O_DIRECT)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        return False
     return True
-
-
-_O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 
 def open_durable(path: str | os.PathLike, *, direct: bool = True) -> IO[bytes] | DirectFile:
     """A new file at ``path`` for writing, on disk once closed: a :class:`DirectFile` where the file system
     takes ``O_DIRECT``, else :class:`BufferedDurable` (buffered, ``fsync``ed on close)."""
     path = os.fspath(path)
-    if direct and _O_DIRECT and os.environ.get(OPT_OUT, "1") != "0":
+    if direct and direct_allowed():
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _O_DIRECT | getattr(os, "O_CLOEXEC", 0), 0o666)
         except OSError as exc:
