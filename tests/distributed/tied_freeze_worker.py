@@ -104,6 +104,9 @@ def main() -> int:
     dist.all_gather_object(gathered, results)
     if dist.get_rank() == 0:
         Path(args.out).write_text(json.dumps(gathered, indent=2))
+    from plugtron.runtime.parallel import destroy_parallel
+
+    destroy_parallel()  # a gloo group left to the interpreter's exit once aborted rank 1 ("terminate called ...")
     return 0
 
 

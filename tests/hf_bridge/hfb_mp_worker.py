@@ -180,6 +180,9 @@ def main() -> int:
     if dist.get_rank() == 0:
         Path(args.results).write_text(json.dumps(results, indent=2))
     dist.barrier()
+    from plugtron.runtime.parallel import destroy_parallel
+
+    destroy_parallel()  # not left to the interpreter's exit, where gloo's threads can abort a rank
     return 0
 
 
