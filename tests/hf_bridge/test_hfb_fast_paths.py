@@ -214,6 +214,38 @@ def test_export_cuts_hf_tensors_as_views_of_the_model(pristine, pm, plugtron_sin
                        tables[name].to_hf(full)[0])
 
 
+@pytest.mark.parametrize("dtype", [None, "float32"])
+def test_a_single_rank_export_overlaps_writes_only_when_it_casts(pristine, pm, plugtron_single_rank, monkeypatch,
+                                                                  tmp_path, dtype) -> None:
+    """Uncast views at hand leave the writer thread nothing to overlap (shards written by the caller);
+    a cast export produces new tensors while a shard is written. Either way the checkpoint is the same."""
+    import threading
+
+    from plugtron_hf_bridge import safetensors_io
+    from plugtron_hf_bridge.exporter import export_hf
+    from plugtron_hf_bridge.safetensors_io import SafetensorsCheckpoint
+
+    threads: list[str] = []
+    real = safetensors_io.write_file
+
+    def recording(path, tensors, metadata):
+        threads.append(threading.current_thread().name)
+        real(path, tensors, metadata)
+
+    monkeypatch.setattr(safetensors_io, "write_file", recording)
+    imported = import_hf(pristine, pm=pm, parallel=plugtron_single_rank)
+    plan = imported.plan
+    out = export_hf(imported.built, plan.config, plan.adapter, tmp_path / "out", source_hf_config=plan.hf_config,
+                    dtype=dtype, max_shard_bytes=40_000)
+    caller = threading.current_thread().name
+    assert len(threads) >= 3
+    assert all((name != caller) == (dtype is not None) for name in threads[:-1]), threads
+    with SafetensorsCheckpoint(pristine) as source, SafetensorsCheckpoint(out) as written:
+        for name in source.names():
+            expected = source.read(name)
+            assert torch.equal(written.read(name), expected if dtype is None else expected.float()), name
+
+
 def test_direct_reads_equal_torchs_reader(meg, pm, plugtron_single_rank, monkeypatch) -> None:
     direct = load_megatron(meg, pm=pm, parallel=plugtron_single_rank)
     monkeypatch.setattr(dcp_direct.Layouts, "get", lambda *args: None)  # every record through torch.load

@@ -287,6 +287,32 @@ def test_the_caller_fills_the_next_shard_while_one_is_written(tmp_path: Path, mo
         assert_same(ckpt, tensors)
 
 
+@pytest.mark.parametrize("overlap", [True, False])
+def test_shards_are_written_in_the_callers_thread_unless_overlapping(tmp_path: Path, monkeypatch, overlap: bool) -> None:
+    """overlap=False: every shard in the caller's thread; overlap=True: all but the last in the writer thread."""
+    import threading
+
+    from plugtron_hf_bridge import safetensors_io
+
+    writers: list[str] = []
+    real = safetensors_io.write_file
+
+    def recording(path, tensors, metadata):
+        writers.append(threading.current_thread().name)
+        real(path, tensors, metadata)
+
+    monkeypatch.setattr(safetensors_io, "write_file", recording)
+    tensors = {f"t{i}": torch.full((4,), float(i)) for i in range(3)}
+    with ShardedSafetensorsWriter(tmp_path / "out", max_shard_bytes=16, overlap=overlap) as writer:
+        for name, tensor in tensors.items():
+            writer.add(name, tensor)
+    caller = threading.current_thread().name
+    assert writers[-1] == caller and len(writers) == 3
+    assert all((name != caller) == overlap for name in writers[:-1]), writers
+    with SafetensorsCheckpoint(tmp_path / "out") as ckpt:
+        assert_same(ckpt, tensors)
+
+
 def test_atomic_output_dir_success_and_failure(tmp_path: Path) -> None:
     dst = tmp_path / "out"
     with pytest.raises(ValueError, match="boom"):

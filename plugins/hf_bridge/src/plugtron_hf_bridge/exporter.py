@@ -163,15 +163,19 @@ def export_tensors(chunks: list, config: Any, adapter: "HFAdapter", parallel: An
 
 def write_hf(dst: str | Path, tensors: Iterable[tuple[str, "torch.Tensor"]], hf_config: dict[str, Any] | str, *,
              extra_files: Iterable[Path] = (), max_shard_bytes: int = 5 * 10**9, overwrite: bool = False,
-             total: int | None = None, progress: bool = False) -> Path:
-    """Write an HF checkpoint directory atomically (rank 0 only); ``hf_config``: a dict or the config.json text."""
+             total: int | None = None, progress: bool = False, overlap: bool = True) -> Path:
+    """Write an HF checkpoint directory atomically (rank 0 only); ``hf_config``: a dict or the config.json text.
+
+    ``overlap``: write each full shard in a background thread while ``tensors`` produces the next
+    (:class:`~.safetensors_io.ShardedSafetensorsWriter`); worth it only where producing them costs something.
+    """
     from plugtron._atomic import atomic_output_dir
 
     from .safetensors_io import ShardedSafetensorsWriter
 
     dst = Path(dst)
     with atomic_output_dir(dst, overwrite=overwrite) as tmp:
-        with ShardedSafetensorsWriter(tmp, max_shard_bytes=max_shard_bytes) as writer:
+        with ShardedSafetensorsWriter(tmp, max_shard_bytes=max_shard_bytes, overlap=overlap) as writer:
             for name, tensor in _progress(tensors, progress, total):
                 writer.add(name, tensor)
         (tmp / "config.json").write_text(hf_config if isinstance(hf_config, str) else config_json(hf_config))
@@ -214,11 +218,18 @@ def _export(built: Any, config: Any, adapter: "HFAdapter", dst: str | Path, sour
     try:
         with plain_torch():
             out = write_hf(dst, tensors, hf_config, extra_files=extra_files, max_shard_bytes=max_shard_bytes,
-                           overwrite=overwrite, total=total, progress=progress)
+                           overwrite=overwrite, total=total, progress=progress,
+                           overlap=_tensors_cost_work(parallel, cast))
     finally:
         tensors.close()
     dist.barrier()
     return out
+
+
+def _tensors_cost_work(parallel: Any, cast: Any) -> bool:
+    """Whether rank 0 works to produce the HF tensors (receives them from other ranks, casts them), so that
+    writing one shard while producing the next gains time; alone and uncast, they are views of its model."""
+    return parallel.world_size > 1 or cast is not None
 
 
 def config_text(adapter: "HFAdapter", config: Any, source: dict | None, dtype_name: str) -> str:

@@ -129,19 +129,27 @@ class ShardedSafetensorsWriter:
     :class:`~.safetensors_write.Rows` of such views, and its bytes are copied
     nowhere but into the file (:func:`~.safetensors_write.write_file`).
 
-    A full shard is written by one background thread while the caller goes on
-    producing the next (a file write releases the GIL): an export whose
-    tensors arrive from other ranks receives them while the previous shard
-    goes to disk (1B MoE at EP=2: rank 0 spent 4 s writing and 1 s waiting on
-    receives, one after the other). At most one shard is in flight, so the
-    tensors held stay under two shards' worth; an error in the writer is
-    raised when the next shard starts, or by :meth:`close`. The last shard is
-    written by :meth:`close` itself (nothing is left to overlap it), so a
-    one-shard checkpoint starts no thread.
+    With ``overlap`` (the default) a full shard is written by one background
+    thread while the caller goes on producing the next (a file write releases
+    the GIL): an export whose tensors arrive from other ranks receives them
+    while the previous shard goes to disk (1B MoE at EP=2: rank 0 spent 4 s
+    writing and 1 s waiting on receives, one after the other). At most one
+    shard is in flight, so the tensors held stay under two shards' worth; an
+    error in the writer is raised when the next shard starts, or by
+    :meth:`close`. The last shard is written by :meth:`close` itself (nothing
+    is left to overlap it), so a one-shard checkpoint starts no thread.
+
+    ``overlap=False`` writes every shard in the caller's thread. For a caller
+    whose tensors cost nothing to produce (views of a model at hand) the
+    thread has nothing to overlap, and it costs: a second busy thread runs on
+    the other core, whose page allocator may be the slow one. On this VM the
+    250M export's first call took 0.12-0.49 s with the thread and 0.12 s
+    without it, five fresh processes each (``benchmarks/README.md``).
     """
 
     def __init__(
-        self, directory: str | Path, max_shard_bytes: int = 5 * 2**30, metadata: dict[str, str] | None = None
+        self, directory: str | Path, max_shard_bytes: int = 5 * 2**30, metadata: dict[str, str] | None = None,
+        *, overlap: bool = True,
     ) -> None:
         if max_shard_bytes <= 0:
             raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
@@ -160,6 +168,7 @@ class ShardedSafetensorsWriter:
         self._closed = False
         self._writing: Any = None  # the Future of the shard being written
         self._thread: Any = None
+        self._overlap = overlap
 
     def add(self, name: str, tensor: "torch.Tensor | Rows") -> None:
         """Queue ``tensor`` under ``name``; flushes the current shard first if it would overflow.
@@ -191,7 +200,7 @@ class ShardedSafetensorsWriter:
         path = self.directory / f".tmp-shard-{len(self._shards) + 1:05d}.safetensors"
         self._shards.append((path, list(self._pending)))  # listed first: abort() removes a half-written one too
         pending, self._pending, self._pending_bytes = self._pending, {}, 0
-        if not in_background:
+        if not (in_background and self._overlap):
             write_file(path, pending, self.metadata)
             return
         if self._thread is None:
