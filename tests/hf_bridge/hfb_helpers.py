@@ -114,3 +114,20 @@ def expert_bytes(directory: Path) -> dict[int, int]:
                 t = f.get_tensor(name)
                 per[int(found.group(1))] = per.get(int(found.group(1)), 0) + t.numel() * t.element_size()
     return per
+
+
+def record_shard_writers(monkeypatch: Any) -> list[str]:
+    """The name of the thread that writes each shard, in order (the real write still happens)."""
+    import threading
+
+    from plugtron_hf_bridge import safetensors_io
+
+    threads: list[str] = []
+    real = safetensors_io.write_file
+
+    def recording(path: Any, tensors: Any, metadata: Any) -> None:
+        threads.append(threading.current_thread().name)
+        real(path, tensors, metadata)
+
+    monkeypatch.setattr(safetensors_io, "write_file", recording)
+    return threads

@@ -28,7 +28,7 @@ from plugtron_hf_bridge.errors import CheckpointFormatError, TensorSetError
 from plugtron_hf_bridge.importer import import_hf, plan_import
 from plugtron_hf_bridge.preflight import preflight_import
 
-from hfb_helpers import ARCHS, bit_exact, hf_config, make_hf, rewrite
+from hfb_helpers import ARCHS, bit_exact, hf_config, make_hf, record_shard_writers, rewrite
 
 PLUGTRON = str(Path(sys.executable).with_name("plugtron"))
 
@@ -221,18 +221,10 @@ def test_a_single_rank_export_overlaps_writes_only_when_it_casts(pristine, pm, p
     a cast export produces new tensors while a shard is written. Either way the checkpoint is the same."""
     import threading
 
-    from plugtron_hf_bridge import safetensors_io
     from plugtron_hf_bridge.exporter import export_hf
     from plugtron_hf_bridge.safetensors_io import SafetensorsCheckpoint
 
-    threads: list[str] = []
-    real = safetensors_io.write_file
-
-    def recording(path, tensors, metadata):
-        threads.append(threading.current_thread().name)
-        real(path, tensors, metadata)
-
-    monkeypatch.setattr(safetensors_io, "write_file", recording)
+    threads = record_shard_writers(monkeypatch)
     imported = import_hf(pristine, pm=pm, parallel=plugtron_single_rank)
     plan = imported.plan
     out = export_hf(imported.built, plan.config, plan.adapter, tmp_path / "out", source_hf_config=plan.hf_config,

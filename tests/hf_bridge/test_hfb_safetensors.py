@@ -20,6 +20,8 @@ from plugtron_hf_bridge.safetensors_io import (
     read_header,
 )
 
+from hfb_helpers import record_shard_writers
+
 
 def sample_tensors() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
@@ -292,16 +294,8 @@ def test_shards_are_written_in_the_callers_thread_unless_overlapping(tmp_path: P
     """overlap=False: every shard in the caller's thread; overlap=True: all but the last in the writer thread."""
     import threading
 
-    from plugtron_hf_bridge import safetensors_io
 
-    writers: list[str] = []
-    real = safetensors_io.write_file
-
-    def recording(path, tensors, metadata):
-        writers.append(threading.current_thread().name)
-        real(path, tensors, metadata)
-
-    monkeypatch.setattr(safetensors_io, "write_file", recording)
+    writers = record_shard_writers(monkeypatch)
     tensors = {f"t{i}": torch.full((4,), float(i)) for i in range(3)}
     with ShardedSafetensorsWriter(tmp_path / "out", max_shard_bytes=16, overlap=overlap) as writer:
         for name, tensor in tensors.items():
