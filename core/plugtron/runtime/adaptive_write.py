@@ -38,7 +38,11 @@ SLOW_SECONDS_PER_GB = 0.6
 
 
 class AdaptiveFile(DirectFile):
-    """A write-only file, buffered while that is cheap and direct after (see the module docstring)."""
+    """A write-only file, buffered while that is cheap and direct after (see the module docstring).
+
+    Closed as any :class:`DirectFile`: a file still written plainly has no staged tail, and cutting it to
+    its length changes nothing.
+    """
 
     def __init__(self, fd: int, path: str, *, sync: bool = False, window: int | None = None,
                  slow_seconds_per_gb: float | None = None) -> None:
@@ -70,16 +74,6 @@ class AdaptiveFile(DirectFile):
         if self._window_bytes >= self._window:
             self._judge_window()
         return len(view)
-
-    def close(self) -> None:
-        if self._plain and not self.closed:
-            try:
-                if self._sync:
-                    os.fsync(self._fd)
-            finally:
-                self._release()
-            return
-        super().close()
 
     def _judge_window(self) -> None:
         """Two slow windows in a row switch: with pages at hand a lone window still costs 2+ s/GB now and then
