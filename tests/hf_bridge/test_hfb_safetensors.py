@@ -248,13 +248,14 @@ def test_writer_refuses_dirty_directory_and_cleans_up_on_error(tmp_path: Path) -
         ShardedSafetensorsWriter(tmp_path / "c").close()
 
 
+@pytest.mark.parametrize("overlap", [True, False])
 @pytest.mark.parametrize("tensors_after", [0, 3])
-def test_a_failed_background_shard_write_is_raised_and_leaves_nothing(tmp_path: Path, tensors_after: int) -> None:
-    """The shard written in the background fails (complex64: no safetensors dtype): close() or the next shard
-    raises it, and every shard file is gone."""
+def test_a_failed_shard_write_is_raised_and_leaves_nothing(tmp_path: Path, tensors_after: int, overlap: bool) -> None:
+    """A shard's write fails (complex64: no safetensors dtype), in the background or in the caller's thread:
+    close() or the next shard raises it, and every shard file is gone."""
     out = tmp_path / "out"
     with pytest.raises(ValueError, match="cannot store dtype complex64"):
-        with ShardedSafetensorsWriter(out, max_shard_bytes=16) as writer:
+        with ShardedSafetensorsWriter(out, max_shard_bytes=16, overlap=overlap) as writer:
             writer.add("ok", torch.zeros(4))
             writer.add("bad", torch.zeros(2, dtype=torch.complex64))
             for i in range(tensors_after):
